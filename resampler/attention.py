@@ -1,0 +1,258 @@
+"""The one attention module of the library.
+
+Encoder cross-attention, latent self-attention, Perceiver IO decoding, causal Perceiver AR
+attention, the Flamingo resampler and the VLM's gated cross-attention all call `Attention`.
+
+Mask convention everywhere: boolean, True = attend. A query whose keys are all masked gets an
+output of exactly zero (never NaN), and its gradients stay finite.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["Attention", "KVCache", "causal_mask", "normalize_mask", "reference_attention"]
+
+
+def causal_mask(q_len: int, k_len: int, device: torch.device | None = None) -> Tensor:
+    """(Q, M) boolean mask in which query i sits at position k_len - q_len + i and sees keys <= it.
+
+    Bottom-right aligned, as Perceiver AR needs: the queries are the *last* q_len positions.
+    """
+    if q_len > k_len:
+        raise ValueError(f"causal_mask needs q_len <= k_len, got q_len={q_len}, k_len={k_len}")
+    q_pos = torch.arange(k_len - q_len, k_len, device=device)
+    k_pos = torch.arange(k_len, device=device)
+    return k_pos[None, :] <= q_pos[:, None]
+
+
+def normalize_mask(mask: Tensor, batch: int, heads: int, q_len: int, k_len: int) -> Tensor:
+    """Validate a boolean mask and return it as a broadcastable 4-D (B|1, H|1, Q|1, M) tensor.
+
+    Accepted: (B, M) key padding, (B, Q, M) or (B, H, Q, M) full masks; any leading dimension may
+    be 1 to broadcast.
+    """
+    if not isinstance(mask, Tensor):
+        raise ValueError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise ValueError(f"mask must be boolean (True = attend), got dtype {mask.dtype}")
+    expected = {
+        2: ("(B, M)", (batch, k_len)),
+        3: ("(B, Q, M)", (batch, q_len, k_len)),
+        4: ("(B, H, Q, M)", (batch, heads, q_len, k_len)),
+    }
+    if mask.dim() not in expected:
+        raise ValueError(
+            f"mask must have shape (B, M)=({batch}, {k_len}), (B, Q, M)=({batch}, {q_len}, "
+            f"{k_len}) or (B, H, Q, M)=({batch}, {heads}, {q_len}, {k_len}); got {tuple(mask.shape)}"
+        )
+    name, dims = expected[mask.dim()]
+    for got, want in zip(mask.shape, dims):
+        if got != want and got != 1:
+            raise ValueError(f"mask must have shape {name}={dims}, got {tuple(mask.shape)}")
+    if mask.shape[-1] != k_len:
+        raise ValueError(f"mask must cover all {k_len} keys in its last dimension, got {tuple(mask.shape)}")
+    if mask.dim() == 2:
+        return mask[:, None, None, :]
+    if mask.dim() == 3:
+        return mask[:, None, :, :]
+    return mask
+
+
+class KVCache:
+    """Keys and values of the positions seen so far, for incremental decoding."""
+
+    def __init__(self) -> None:
+        self.key: Tensor | None = None
+        self.value: Tensor | None = None
+
+    def __len__(self) -> int:
+        return 0 if self.key is None else self.key.shape[-2]
+
+    def update(self, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
+        if self.key is not None:
+            key = torch.cat([self.key, key], dim=-2)
+            value = torch.cat([self.value, value], dim=-2)
+        self.key, self.value = key, value
+        return key, value
+
+
+class Attention(nn.Module):
+    """Multi-head attention with separate query/key and value widths and grouped key/value heads.
+
+    Args:
+        q_dim: width of the queries' input.
+        kv_dim: width of the context (defaults to ``q_dim``: self-attention).
+        heads: number of query heads.
+        head_dim: per-head query/key width (the official Perceiver's ``qk_channels / heads``).
+        v_head_dim: per-head value width (``v_channels / heads``); defaults to ``head_dim``.
+        num_kv_heads: key/value heads (grouped-query attention); must divide ``heads``.
+        out_dim: output width; defaults to ``q_dim``.
+        qkv_bias / out_bias: biases of the input and output projections.
+        dropout: attention-probability dropout (training only).
+        use_sdpa: ``scaled_dot_product_attention`` (fast path) or the plain reference path.
+        query_chunk_size: process queries in chunks of this size to bound memory on huge inputs.
+    """
+
+    def __init__(
+        self,
+        q_dim: int,
+        kv_dim: int | None = None,
+        *,
+        heads: int = 8,
+        head_dim: int = 64,
+        v_head_dim: int | None = None,
+        num_kv_heads: int | None = None,
+        out_dim: int | None = None,
+        qkv_bias: bool = False,
+        out_bias: bool = True,
+        dropout: float = 0.0,
+        use_sdpa: bool = True,
+        query_chunk_size: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        kv_dim = q_dim if kv_dim is None else kv_dim
+        v_head_dim = head_dim if v_head_dim is None else v_head_dim
+        num_kv_heads = heads if num_kv_heads is None else num_kv_heads
+        out_dim = q_dim if out_dim is None else out_dim
+        for name, value in [
+            ("q_dim", q_dim),
+            ("kv_dim", kv_dim),
+            ("heads", heads),
+            ("head_dim", head_dim),
+            ("v_head_dim", v_head_dim),
+            ("num_kv_heads", num_kv_heads),
+            ("out_dim", out_dim),
+        ]:
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"Attention: {name} must be a positive int, got {value!r}")
+        if heads % num_kv_heads:
+            raise ValueError(f"Attention: num_kv_heads={num_kv_heads} must divide heads={heads}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"Attention: dropout must be in [0, 1), got {dropout}")
+        if query_chunk_size is not None and query_chunk_size <= 0:
+            raise ValueError(f"Attention: query_chunk_size must be positive, got {query_chunk_size}")
+        factory = {"device": device, "dtype": dtype}
+        self.q_dim, self.kv_dim, self.out_dim = q_dim, kv_dim, out_dim
+        self.heads, self.num_kv_heads = heads, num_kv_heads
+        self.head_dim, self.v_head_dim = head_dim, v_head_dim
+        self.dropout = dropout
+        self.use_sdpa = use_sdpa
+        self.query_chunk_size = query_chunk_size
+        self.scale = head_dim**-0.5
+        self.to_q = nn.Linear(q_dim, heads * head_dim, bias=qkv_bias, **factory)
+        # Keys and values in one matmul: rows [0, Hkv*dh) are keys, the rest values.
+        self.to_kv = nn.Linear(kv_dim, num_kv_heads * (head_dim + v_head_dim), bias=qkv_bias, **factory)
+        self.to_out = nn.Linear(heads * v_head_dim, out_dim, bias=out_bias, **factory)
+
+    def extra_repr(self) -> str:
+        return (
+            f"heads={self.heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
+            f"v_head_dim={self.v_head_dim}, sdpa={self.use_sdpa}"
+        )
+
+    def project_kv(self, context: Tensor) -> tuple[Tensor, Tensor]:
+        """Context (B, M, kv_dim) -> keys (B, Hkv, M, dh) and values (B, Hkv, M, dv)."""
+        b, m, _ = context.shape
+        kv = self.to_kv(context)
+        k, v = kv.split([self.num_kv_heads * self.head_dim, self.num_kv_heads * self.v_head_dim], dim=-1)
+        k = k.view(b, m, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, M, dh)
+        v = v.view(b, m, self.num_kv_heads, self.v_head_dim).transpose(1, 2)  # (B, Hkv, M, dv)
+        return k, v
+
+    def forward(
+        self,
+        x: Tensor,
+        context: Tensor | None = None,
+        mask: Tensor | None = None,
+        *,
+        cache: KVCache | None = None,
+    ) -> Tensor:
+        """x (B, Q, q_dim), context (B, M, kv_dim) or None for self-attention -> (B, Q, out_dim)."""
+        self._check_inputs(x, context)
+        context = x if context is None else context
+        b, q_len, _ = x.shape
+        q = self.to_q(x).view(b, q_len, self.heads, self.head_dim).transpose(1, 2)  # (B, H, Q, dh)
+        k, v = self.project_kv(context)
+        if cache is not None:
+            k, v = cache.update(k, v)
+        k_len = k.shape[-2]
+
+        has_key = None
+        if mask is not None:
+            mask = normalize_mask(mask, b, self.heads, q_len, k_len).to(x.device)
+            rows = mask.any(dim=-1, keepdim=True)  # (B|1, H|1, Q|1, 1)
+            if not bool(rows.all()):
+                # Rows with no valid key would softmax over nothing (NaN): let them attend to all
+                # keys, then zero their output, which also zeroes their gradients.
+                mask = mask | ~rows
+                has_key = rows
+
+        out = self._attend_chunked(q, k, v, mask)  # (B, H, Q, dv)
+        if has_key is not None:
+            out = out * has_key.to(out.dtype)
+        out = out.transpose(1, 2).reshape(b, q_len, self.heads * self.v_head_dim)
+        out = self.to_out(out)
+        if has_key is not None:  # a query with no key in any head outputs exactly zero, bias included
+            out = out * has_key.any(dim=1).to(out.dtype)  # (B|1, Q|1, 1)
+        return out
+
+    def _check_inputs(self, x: Tensor, context: Tensor | None) -> None:
+        if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != self.q_dim:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"Attention: x must have shape (B, Q, q_dim={self.q_dim}), got {shape}")
+        if context is None:
+            if self.kv_dim != self.q_dim:
+                raise ValueError(f"Attention: context is required since kv_dim={self.kv_dim} != q_dim={self.q_dim}")
+            return
+        if not isinstance(context, Tensor) or context.dim() != 3 or context.shape[-1] != self.kv_dim:
+            shape = tuple(context.shape) if isinstance(context, Tensor) else type(context).__name__
+            raise ValueError(f"Attention: context must have shape (B, M, kv_dim={self.kv_dim}), got {shape}")
+        if context.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"Attention: x and context must share the batch size, got {x.shape[0]} and {context.shape[0]}"
+            )
+
+    def _attend_chunked(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        chunk = self.query_chunk_size
+        q_len = q.shape[-2]
+        if chunk is None or q_len <= chunk:
+            return self._attend(q, k, v, mask)
+        outs = []
+        for start in range(0, q_len, chunk):
+            stop = min(start + chunk, q_len)
+            sub_mask = None
+            if mask is not None:
+                sub_mask = mask if mask.shape[-2] == 1 else mask[..., start:stop, :]
+            outs.append(self._attend(q[..., start:stop, :], k, v, sub_mask))
+        return torch.cat(outs, dim=-2)
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        dropout = self.dropout if self.training else 0.0
+        groups = self.heads // self.num_kv_heads
+        if self.use_sdpa:
+            return F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=dropout, scale=self.scale, enable_gqa=groups > 1
+            )
+        return reference_attention(q, k, v, mask, scale=self.scale, dropout=dropout)
+
+
+def reference_attention(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *, scale: float, dropout: float = 0.0
+) -> Tensor:
+    """Plain softmax(q k^T * scale) v, computed in fp32; the check for the SDPA path."""
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale  # (B, H, Q, M)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = scores.softmax(dim=-1)
+    if dropout:
+        probs = F.dropout(probs, p=dropout)
+    return torch.matmul(probs, v.float()).to(q.dtype)

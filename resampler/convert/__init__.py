@@ -1,0 +1,1 @@
+"""Weight converters from outside implementations; each one is proven by a parity test."""

@@ -1,0 +1,1 @@
+"""perceiver-vlm's vision-language models: frozen open_clip tower -> resampler -> any HF causal LM."""
