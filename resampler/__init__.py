@@ -2,7 +2,19 @@
 
 from .attention import Attention, KVCache, causal_mask
 from .blocks import CrossAttentionBlock, FeedForward, SelfAttentionBlock, make_norm
+from .decoders import (
+    ClassificationDecoder,
+    EmbeddingDecoder,
+    FlowDecoder,
+    FourierQueries,
+    LearnedQueries,
+    MultimodalDecoder,
+    PerceiverDecoder,
+)
 from .flamingo import PerceiverResampler
+from .perceiver import PerceiverClassifier, PerceiverEncoder, PerceiverEncoderConfig
+from .perceiver_ar import PerceiverAR, PerceiverARConfig
+from .perceiver_io import PerceiverIO, PerceiverMaskedLM, PerceiverMultimodalAutoencoder, PerceiverOpticalFlow
 from .position import (
     FourierPositionEncoding,
     LearnedPositionEncoding,
@@ -22,6 +34,22 @@ __all__ = [
     "SelfAttentionBlock",
     "make_norm",
     "PerceiverResampler",
+    "PerceiverEncoderConfig",
+    "PerceiverEncoder",
+    "PerceiverClassifier",
+    "PerceiverIO",
+    "PerceiverDecoder",
+    "LearnedQueries",
+    "FourierQueries",
+    "ClassificationDecoder",
+    "EmbeddingDecoder",
+    "FlowDecoder",
+    "MultimodalDecoder",
+    "PerceiverMaskedLM",
+    "PerceiverOpticalFlow",
+    "PerceiverMultimodalAutoencoder",
+    "PerceiverARConfig",
+    "PerceiverAR",
     "FourierPositionEncoding",
     "LearnedPositionEncoding",
     "fourier_feature_dim",

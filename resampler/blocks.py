@@ -144,14 +144,19 @@ class CrossAttentionBlock(nn.Module):
             **factory,
         )
 
-    def forward(self, x: Tensor, context: Tensor, mask: Tensor | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, context: Tensor, mask: Tensor | None = None, *, cache: KVCache | None = None
+    ) -> Tensor:
+        """``cache``: keys/values of earlier context positions (incremental decoding, Perceiver AR)."""
         q = self.norm_q(x)
         kv = self.norm_kv(context)
         if self.kv_includes_queries:
+            if cache is not None:
+                raise ValueError("CrossAttentionBlock: a cache cannot be combined with kv_includes_queries")
             kv = torch.cat([kv, q], dim=-2)  # (B, M + N, D): context first, then the queries
             if mask is not None:
                 mask = _extend_mask_with_queries(mask, q.shape[-2])
-        h = self.attn(q, kv, mask)
+        h = self.attn(q, kv, mask, cache=cache)
         x = x + h if self.query_residual else h
         return x + self.ff(self.norm_ff(x))
 

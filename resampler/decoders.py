@@ -1,0 +1,413 @@
+"""Perceiver IO decoding: output queries cross-attend to the latents.
+
+`PerceiverDecoder` is one `CrossAttentionBlock` (queries -> latents) plus an optional final linear
+projection. Queries come from a query source (`LearnedQueries`, `FourierQueries`) or from the caller
+(e.g. the input features, for optical flow). Any subset of queries can be decoded (``query_index``),
+and very many queries are decoded ``chunk_size`` at a time so memory stays bounded: every query is
+independent of the others in this block, so chunking changes nothing but peak memory.
+
+Task heads built on it: `ClassificationDecoder`, `EmbeddingDecoder` (masked-LM logits tied to the
+byte embedding), `FlowDecoder`, `MultimodalDecoder`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .blocks import CrossAttentionBlock
+from .position import fourier_feature_dim, fourier_features, linear_positions
+
+__all__ = [
+    "LearnedQueries",
+    "FourierQueries",
+    "PerceiverDecoder",
+    "ClassificationDecoder",
+    "EmbeddingDecoder",
+    "FlowDecoder",
+    "MultimodalDecoder",
+    "AudioPatchHead",
+    "ClassHead",
+]
+
+
+def _check_index(name: str, index: Tensor | None, size: int) -> None:
+    if index is None:
+        return
+    if not isinstance(index, Tensor) or index.dim() != 1 or index.dtype not in (torch.int64, torch.int32):
+        shape = tuple(index.shape) if isinstance(index, Tensor) else type(index).__name__
+        raise ValueError(f"{name}: query_index must be a 1-D integer tensor (O,), got {shape}")
+    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= size):
+        raise ValueError(
+            f"{name}: query_index values must lie in [0, {size}), got [{int(index.min())}, {int(index.max())}]"
+        )
+
+
+class LearnedQueries(nn.Module):
+    """A trainable (O, dim) query table: ``forward(batch_size, index=None) -> (B, O or len(index), dim)``."""
+
+    def __init__(self, num_queries: int, dim: int, *, init_std: float = 0.02, device=None, dtype=None) -> None:
+        super().__init__()
+        if num_queries <= 0 or dim <= 0:
+            raise ValueError(f"LearnedQueries: sizes must be positive, got ({num_queries}, {dim})")
+        self.num_queries, self.dim = num_queries, dim
+        self.weight = nn.Parameter(torch.randn(num_queries, dim, device=device, dtype=dtype) * init_std)
+
+    def forward(self, batch_size: int, index: Tensor | None = None) -> Tensor:
+        _check_index("LearnedQueries", index, self.num_queries)
+        table = self.weight if index is None else self.weight[index.to(self.weight.device)]
+        return table.expand(batch_size, *table.shape)
+
+
+class FourierQueries(nn.Module):
+    """Fourier features of the positions of an output grid ``index_dims`` (optionally projected).
+
+    ``forward(batch_size, index=None)``: all prod(index_dims) queries, or only the flat indices ``index``.
+    Positions follow ``linear_positions`` (``i -> -1 + 2 i / (n - 1)``). ``subsample_positions='deepmind'``
+    instead maps a subsampled index to ``-1 + 2 i / n`` as DeepMind's (and Hugging Face's) decoder does
+    on its subsampling path; the converter sets it for checkpoint parity.
+    """
+
+    def __init__(
+        self,
+        index_dims: Sequence[int],
+        num_bands: int,
+        *,
+        max_resolution: Sequence[int] | None = None,
+        concat_pos: bool = True,
+        sine_only: bool = False,
+        project_dim: int | None = None,
+        subsample_positions: str = "grid",
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        self.index_dims = tuple(int(n) for n in index_dims)
+        self.max_resolution = tuple(max_resolution if max_resolution is not None else self.index_dims)
+        if len(self.max_resolution) != len(self.index_dims):
+            raise ValueError(f"FourierQueries: max_resolution {self.max_resolution} and index_dims {self.index_dims}")
+        if subsample_positions not in ("grid", "deepmind"):
+            raise ValueError(
+                f"FourierQueries: subsample_positions must be 'grid' or 'deepmind', got {subsample_positions!r}"
+            )
+        self.num_bands, self.concat_pos, self.sine_only = num_bands, concat_pos, sine_only
+        self.subsample_positions = subsample_positions
+        self.num_queries = math.prod(self.index_dims)
+        self.feature_dim = fourier_feature_dim(len(self.index_dims), num_bands, concat_pos, sine_only)
+        self.projection = None
+        if project_dim is not None:
+            self.projection = nn.Linear(self.feature_dim, project_dim, device=device, dtype=dtype)
+        self.dim = self.feature_dim if project_dim is None else project_dim
+
+    def positions(self, index: Tensor | None, device=None) -> Tensor:
+        """(O, d) positions in [-1, 1] of all grid points or of the flat indices ``index``."""
+        if index is None:
+            return linear_positions(self.index_dims, device=device).reshape(-1, len(self.index_dims))
+        coords = torch.stack(torch.unravel_index(index.to(device), self.index_dims), dim=-1).float()  # (O, d)
+        dims = torch.tensor(self.index_dims, device=device, dtype=torch.float32)
+        if self.subsample_positions == "deepmind":
+            return -1 + 2 * coords / dims
+        return torch.where(dims > 1, -1 + 2 * coords / (dims - 1).clamp(min=1), torch.full_like(coords, -1.0))
+
+    def forward(self, batch_size: int, index: Tensor | None = None) -> Tensor:
+        _check_index("FourierQueries", index, self.num_queries)
+        device = None if self.projection is None else self.projection.weight.device
+        pos = self.positions(index, device)
+        feats = fourier_features(
+            pos, self.num_bands, self.max_resolution, concat_pos=self.concat_pos, sine_only=self.sine_only
+        )  # (O, F)
+        if self.projection is not None:
+            feats = self.projection(feats)
+        return feats.expand(batch_size, *feats.shape)
+
+
+class PerceiverDecoder(nn.Module):
+    """Output queries (B, O, query_dim) cross-attend to latents (B, N, latent_dim) -> (B, O, out_dim).
+
+    Args:
+        latent_dim: width of the latents.
+        query_dim: width of the queries.
+        out_dim: width of a final linear projection; None keeps the block's output (query_dim).
+        queries: a query source (`LearnedQueries`, `FourierQueries`); None means the caller passes
+            ``queries`` to ``forward``.
+        heads, qk_dim, v_dim: attention shape; qk_dim (total over heads) defaults to ``latent_dim``
+            (DeepMind's ``cross_attention_shape_for_attention='kv'``), v_dim to qk_dim.
+        widening: MLP hidden width = widening x query_dim.
+        query_residual: add the queries back (off by default: outputs and queries differ in kind).
+        chunk_size: decode at most this many queries at a time (bounded memory for e.g. every pixel
+            of a 368x496 flow field); the result is identical to unchunked decoding.
+    """
+
+    def __init__(
+        self,
+        latent_dim: int,
+        query_dim: int,
+        out_dim: int | None = None,
+        *,
+        queries: nn.Module | None = None,
+        heads: int = 1,
+        qk_dim: int | None = None,
+        v_dim: int | None = None,
+        widening: float = 1.0,
+        query_residual: bool = False,
+        qkv_bias: bool = True,
+        activation: str = "gelu",
+        norm_eps: float = 1e-5,
+        dropout: float = 0.0,
+        chunk_size: int | None = None,
+        use_sdpa: bool = True,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        qk_dim = latent_dim if qk_dim is None else qk_dim
+        v_dim = qk_dim if v_dim is None else v_dim
+        for name, total in [("qk_dim", qk_dim), ("v_dim", v_dim)]:
+            if total <= 0 or total % heads:
+                raise ValueError(f"PerceiverDecoder: {name}={total} must be a positive multiple of heads={heads}")
+        if queries is not None and getattr(queries, "dim", query_dim) != query_dim:
+            raise ValueError(f"PerceiverDecoder: the query source gives width {queries.dim}, expected {query_dim}")
+        if chunk_size is not None and chunk_size <= 0:
+            raise ValueError(f"PerceiverDecoder: chunk_size must be positive, got {chunk_size}")
+        self.latent_dim, self.query_dim = latent_dim, query_dim
+        self.out_dim = query_dim if out_dim is None else out_dim
+        self.chunk_size = chunk_size
+        self.queries = queries
+        self.block = CrossAttentionBlock(
+            query_dim,
+            latent_dim,
+            heads=heads,
+            head_dim=qk_dim // heads,
+            v_head_dim=v_dim // heads,
+            ff_mult=widening,
+            ff_activation=activation,
+            norm_eps=norm_eps,
+            query_residual=query_residual,
+            qkv_bias=qkv_bias,
+            dropout=dropout,
+            use_sdpa=use_sdpa,
+            device=device,
+            dtype=dtype,
+        )
+        self.proj = None if out_dim is None else nn.Linear(query_dim, out_dim, device=device, dtype=dtype)
+
+    def forward(self, latents: Tensor, queries: Tensor | None = None, query_index: Tensor | None = None) -> Tensor:
+        if not isinstance(latents, Tensor) or latents.dim() != 3 or latents.shape[-1] != self.latent_dim:
+            shape = tuple(latents.shape) if isinstance(latents, Tensor) else type(latents).__name__
+            raise ValueError(f"PerceiverDecoder: latents must have shape (B, N, {self.latent_dim}), got {shape}")
+        batch = latents.shape[0]
+        if queries is not None:
+            if queries.dim() != 3 or queries.shape[0] != batch or queries.shape[-1] != self.query_dim:
+                raise ValueError(
+                    f"PerceiverDecoder: queries must have shape (B={batch}, O, {self.query_dim}), got {tuple(queries.shape)}"
+                )
+            _check_index("PerceiverDecoder", query_index, queries.shape[1])
+            num = queries.shape[1] if query_index is None else query_index.numel()
+        elif self.queries is None:
+            raise ValueError("PerceiverDecoder: this decoder has no query source, pass queries=(B, O, query_dim)")
+        else:
+            _check_index("PerceiverDecoder", query_index, self.queries.num_queries)
+            num = self.queries.num_queries if query_index is None else query_index.numel()
+
+        chunk = self.chunk_size or max(num, 1)
+        outs = []
+        for start in range(0, num, chunk):
+            sel = torch.arange(start, min(start + chunk, num), device=latents.device)
+            if query_index is not None:
+                sel = query_index.to(latents.device)[sel]
+            elif num <= chunk:
+                sel = None  # everything, no gather needed
+            q = self._chunk_queries(batch, queries, sel).to(latents.dtype)  # (B, O_chunk, query_dim)
+            out = self.block(q, latents)
+            outs.append(out if self.proj is None else self.proj(out))
+        if not outs:
+            return latents.new_zeros(batch, 0, self.out_dim)
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+    def _chunk_queries(self, batch: int, queries: Tensor | None, sel: Tensor | None) -> Tensor:
+        if queries is not None:
+            return queries if sel is None else queries[:, sel.to(queries.device)]
+        return self.queries(batch, sel)
+
+
+class ClassificationDecoder(nn.Module):
+    """One learned query -> logits: ``forward(latents (B, N, D)) -> (B, num_classes)``."""
+
+    def __init__(
+        self,
+        latent_dim: int,
+        num_classes: int,
+        *,
+        query_dim: int | None = None,
+        heads: int = 1,
+        qk_dim: int | None = None,
+        v_dim: int | None = None,
+        widening: float = 1.0,
+        query_residual: bool = True,
+        qkv_bias: bool = True,
+        norm_eps: float = 1e-5,
+        use_sdpa: bool = True,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(num_classes, int) or num_classes <= 0:
+            raise ValueError(f"ClassificationDecoder: num_classes must be a positive int, got {num_classes!r}")
+        query_dim = latent_dim if query_dim is None else query_dim
+        self.decoder = PerceiverDecoder(
+            latent_dim,
+            query_dim,
+            num_classes,
+            queries=LearnedQueries(1, query_dim, device=device, dtype=dtype),
+            heads=heads,
+            qk_dim=qk_dim,
+            v_dim=v_dim,
+            widening=widening,
+            query_residual=query_residual,
+            qkv_bias=qkv_bias,
+            norm_eps=norm_eps,
+            use_sdpa=use_sdpa,
+            device=device,
+            dtype=dtype,
+        )
+
+    def forward(self, latents: Tensor) -> Tensor:
+        return self.decoder(latents)[:, 0]  # (B, num_classes)
+
+
+class EmbeddingDecoder(nn.Module):
+    """Masked-LM logits tied to the input embedding: ``h @ embedding.T + bias`` -> (B, O, vocab)."""
+
+    def __init__(self, embedding: nn.Embedding) -> None:
+        super().__init__()
+        self.embedding = [embedding]  # a list: tied, not registered twice in state_dict
+        self.bias = nn.Parameter(torch.zeros(embedding.num_embeddings, device=embedding.weight.device))
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        weight = self.embedding[0].weight
+        if hidden.shape[-1] != weight.shape[1]:
+            raise ValueError(f"EmbeddingDecoder: hidden must have width {weight.shape[1]}, got {tuple(hidden.shape)}")
+        return hidden @ weight.T + self.bias
+
+
+class FlowDecoder(nn.Module):
+    """Optical flow: every pixel's input feature is its query -> (B, H, W, 2) / rescale_factor.
+
+    ``forward(latents, queries (B, H*W, C), image_shape=(H, W), query_index=None)``; with
+    ``query_index`` only those pixels are decoded and the result is (B, O, 2).
+    """
+
+    def __init__(
+        self,
+        latent_dim: int,
+        query_dim: int,
+        *,
+        out_channels: int = 2,
+        rescale_factor: float = 100.0,
+        chunk_size: int | None = None,
+        **decoder_kwargs,
+    ) -> None:
+        super().__init__()
+        self.rescale_factor = rescale_factor
+        self.decoder = PerceiverDecoder(latent_dim, query_dim, out_channels, chunk_size=chunk_size, **decoder_kwargs)
+
+    def forward(
+        self, latents: Tensor, queries: Tensor, image_shape: Sequence[int], query_index: Tensor | None = None
+    ) -> Tensor:
+        flow = self.decoder(latents, queries, query_index) / self.rescale_factor  # (B, O, 2)
+        if query_index is not None:
+            return flow
+        if math.prod(image_shape) != flow.shape[1]:
+            raise ValueError(f"FlowDecoder: image_shape {tuple(image_shape)} does not hold {flow.shape[1]} queries")
+        return flow.reshape(flow.shape[0], *image_shape, flow.shape[-1])  # (B, H, W, 2)
+
+
+class AudioPatchHead(nn.Module):
+    """(B, O, C) -> (B, O * samples_per_patch): each audio query predicts one patch of samples."""
+
+    def __init__(self, in_dim: int, samples_per_patch: int, *, device=None, dtype=None) -> None:
+        super().__init__()
+        self.proj = nn.Linear(in_dim, samples_per_patch, device=device, dtype=dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x).reshape(x.shape[0], -1)
+
+
+class ClassHead(nn.Module):
+    """(B, 1, C) -> (B, num_classes): the label query's logits."""
+
+    def __init__(self, in_dim: int, num_classes: int, *, device=None, dtype=None) -> None:
+        super().__init__()
+        self.proj = nn.Linear(in_dim, num_classes, device=device, dtype=dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x)[:, 0]
+
+
+class MultimodalDecoder(nn.Module):
+    """Per-modality queries, padded to one width, decoded together, split back per modality.
+
+    Modalities are processed in sorted-name order (the convention of the official code). Each
+    modality's queries are padded with a learned per-modality vector to ``max width + min_padding``;
+    one shared `PerceiverDecoder` decodes all of them; outputs are split per modality and passed
+    through that modality's head (if any).
+
+    ``forward(latents, query_index={name: (O_m,) or None}) -> {name: output}``.
+    """
+
+    def __init__(
+        self,
+        latent_dim: int,
+        queries: Mapping[str, nn.Module],
+        out_dim: int,
+        *,
+        heads: Mapping[str, nn.Module] | None = None,
+        min_padding: int = 2,
+        chunk_size: int | None = None,
+        device=None,
+        dtype=None,
+        **decoder_kwargs,
+    ) -> None:
+        super().__init__()
+        if not queries:
+            raise ValueError("MultimodalDecoder: give at least one modality's query source")
+        self.names = sorted(queries)
+        self.queries = nn.ModuleDict(queries)
+        self.query_dim = max(q.dim for q in queries.values()) + min_padding
+        self.padding = nn.ParameterDict(
+            {
+                name: nn.Parameter(torch.randn(self.query_dim - q.dim, device=device, dtype=dtype) * 0.02)
+                for name, q in queries.items()
+            }
+        )
+        self.heads = nn.ModuleDict(heads or {})
+        unknown = set(self.heads) - set(self.queries)
+        if unknown:
+            raise ValueError(f"MultimodalDecoder: heads for unknown modalities {sorted(unknown)}")
+        self.decoder = PerceiverDecoder(
+            latent_dim, self.query_dim, out_dim, chunk_size=chunk_size, device=device, dtype=dtype, **decoder_kwargs
+        )
+
+    def build_queries(self, batch: int, query_index: Mapping[str, Tensor | None] | None = None) -> dict[str, Tensor]:
+        query_index = dict(query_index or {})
+        unknown = set(query_index) - set(self.names)
+        if unknown:
+            raise ValueError(f"MultimodalDecoder: query_index for unknown modalities {sorted(unknown)}")
+        out = {}
+        for name in self.names:
+            q = self.queries[name](batch, query_index.get(name))  # (B, O_m, d_m)
+            pad = self.padding[name].to(q.dtype).expand(*q.shape[:2], -1)
+            out[name] = torch.cat([q, pad], dim=-1)  # (B, O_m, query_dim)
+        return out
+
+    def forward(self, latents: Tensor, query_index: Mapping[str, Tensor | None] | None = None) -> dict[str, Tensor]:
+        per_modality = self.build_queries(latents.shape[0], query_index)
+        sizes = [per_modality[name].shape[1] for name in self.names]
+        decoded = self.decoder(latents, torch.cat([per_modality[n] for n in self.names], dim=1))
+        outputs = {}
+        for name, part in zip(self.names, decoded.split(sizes, dim=1)):
+            outputs[name] = self.heads[name](part) if name in self.heads else part
+        return outputs
