@@ -1,1 +1,32 @@
 """perceiver-vlm's vision-language models: frozen open_clip tower -> resampler -> any HF causal LM."""
+
+from .checkpoint import load_component, read_manifest
+from .config import (
+    InjectionConfig,
+    LMConfig,
+    LoRAConfig,
+    ProjectorConfig,
+    ResamplerConfig,
+    VisionConfig,
+    VLMConfig,
+)
+from .model import VisionLanguageModel
+from .processor import IGNORE_INDEX, VLMProcessor
+from .registry import LM_FAMILIES, LMFamily
+
+__all__ = [
+    "VisionLanguageModel",
+    "VLMProcessor",
+    "IGNORE_INDEX",
+    "VLMConfig",
+    "VisionConfig",
+    "ResamplerConfig",
+    "ProjectorConfig",
+    "LMConfig",
+    "LoRAConfig",
+    "InjectionConfig",
+    "LM_FAMILIES",
+    "LMFamily",
+    "load_component",
+    "read_manifest",
+]

@@ -1,0 +1,102 @@
+"""Loading the causal LM (dtype, bitsandbytes 4/8-bit), its tokenizer, and wrapping it with peft LoRA."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import LMConfig, LoRAConfig
+from .registry import lora_targets
+
+__all__ = ["load_language_model", "load_tokenizer", "quantization_config", "apply_lora", "unwrap_lm", "torch_dtype"]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    if name not in _DTYPES:
+        raise ValueError(f"lm.dtype must be one of {sorted(_DTYPES)}, got {name!r}")
+    return _DTYPES[name]
+
+
+def quantization_config(config: LMConfig):
+    """A ``BitsAndBytesConfig`` for ``lm.quantization`` ("4bit"/"8bit"), or None."""
+    if config.quantization == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if config.quantization == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=config.bnb_4bit_quant_type,
+            bnb_4bit_use_double_quant=config.bnb_4bit_double_quant,
+            bnb_4bit_compute_dtype=torch_dtype(config.dtype),
+        )
+    if config.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    raise ValueError(f"lm.quantization must be 'none', '4bit' or '8bit', got {config.quantization!r}")
+
+
+def load_language_model(config: LMConfig) -> nn.Module:
+    """``AutoModelForCausalLM`` from a hub id or local directory, in ``lm.dtype``, optionally quantized."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {
+        "revision": config.revision,
+        "dtype": torch_dtype(config.dtype),
+        "trust_remote_code": config.trust_remote_code,
+    }
+    quant = quantization_config(config)
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+        kwargs["device_map"] = {"": "cuda:0" if torch.cuda.is_available() else "cpu"}
+    return AutoModelForCausalLM.from_pretrained(config.name_or_path, **kwargs)
+
+
+def load_tokenizer(config: LMConfig):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(
+        config.name_or_path, revision=config.revision, trust_remote_code=config.trust_remote_code
+    )
+
+
+def is_quantized(lm: nn.Module) -> bool:
+    return bool(getattr(lm, "is_loaded_in_4bit", False) or getattr(lm, "is_loaded_in_8bit", False))
+
+
+def apply_lora(lm: nn.Module, lora: LoRAConfig, lm_config: LMConfig) -> nn.Module:
+    """Freeze the LM, prepare it for k-bit training if quantized, and add peft LoRA adapters."""
+    lm.requires_grad_(False)
+    if is_quantized(lm):
+        from peft import prepare_model_for_kbit_training
+
+        lm = prepare_model_for_kbit_training(lm, use_gradient_checkpointing=lm_config.gradient_checkpointing)
+    elif lm_config.gradient_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if lm_config.gradient_checkpointing:
+        # Checkpointed blocks need an input that requires grad; ours do (spliced image embeddings or
+        # the LoRA path), but text-only batches may not.
+        lm.enable_input_require_grads()
+    if not lora.enabled:
+        return lm
+    from peft import LoraConfig, get_peft_model
+
+    targets = lora_targets(lm.config.model_type, lora.target_modules)
+    peft_config = LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets, bias="none"
+    )
+    try:
+        return get_peft_model(lm, peft_config)
+    except ValueError as err:
+        raise ValueError(
+            f"LoRA targets {targets} do not fit LM family {lm.config.model_type!r}: {err}; "
+            f'set lora.target_modules (e.g. ["all-linear"])'
+        ) from err
+
+
+def unwrap_lm(lm: nn.Module) -> nn.Module:
+    """The transformers model under a peft wrapper (LoRA layers are injected in place)."""
+    from peft import PeftModel
+
+    return lm.get_base_model() if isinstance(lm, PeftModel) else lm
