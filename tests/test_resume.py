@@ -1,0 +1,69 @@
+"""Kill -> resume reproduces the uninterrupted run exactly (fp32 on CPU: bit-identical, tolerance 0)."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from test_train import make, quiet
+
+from vlm.train import latest_checkpoint, train
+
+
+def test_stop_and_resume_is_bit_identical_to_uninterrupted(tmp_path):
+    # dropout makes the run depend on the restored RNG state, not only on weights and data position
+    full, loader = make(dropout=0.2)
+    ref = train(full, loader, quiet(max_steps=10, warmup_steps=3), tmp_path / "full")
+
+    part, loader = make(dropout=0.2)
+    first = train(part, loader, quiet(max_steps=10, warmup_steps=3, checkpoint_every=2), tmp_path / "cut", stop_after=5)
+    assert first.step == 5
+    assert latest_checkpoint(tmp_path / "cut").name == "step_0000005"
+
+    again, loader = make(dropout=0.2)  # a fresh process: new weights and RNG, same run config
+    with torch.no_grad():
+        for p in again.parameters():
+            if p.requires_grad:  # frozen weights come from the (same) pretrained backbone
+                p.add_(1.0)
+    torch.manual_seed(123)
+    second = train(again, loader, quiet(max_steps=10, warmup_steps=3, checkpoint_every=2), tmp_path / "cut")
+    assert second.resumed_from == 5
+    assert first.losses + second.losses == ref.losses  # exact
+    for (name, a), b in zip(full.named_parameters(), again.parameters()):
+        if a.requires_grad:
+            assert torch.equal(a, b), name
+    steps = [int(r["step"]) for r in second.history]
+    assert steps == list(range(1, 11))
+
+
+def test_resume_ignores_incomplete_checkpoint(tmp_path):
+    model, loader = make()
+    train(model, loader, quiet(max_steps=4, checkpoint_every=2), tmp_path, stop_after=2)
+    root = tmp_path / "checkpoints"
+    (root / ".tmp_step_0000004_999").mkdir()  # a crash mid-write leaves only a temp dir
+    (root / "step_0000006").mkdir()  # or a dir without state.json
+    (root / "latest").unlink()
+    assert latest_checkpoint(tmp_path).name == "step_0000002"
+
+
+def test_resume_with_other_world_size_is_a_clear_error(tmp_path):
+    model, loader = make()
+    train(model, loader, quiet(max_steps=2), tmp_path)
+    state_path = latest_checkpoint(tmp_path) / "state.json"
+    state = json.loads(state_path.read_text())
+    state["world_size"] = 2
+    state_path.write_text(json.dumps(state))
+    model, loader = make()
+    try:
+        train(model, loader, quiet(max_steps=4), tmp_path)
+    except ValueError as err:
+        assert "2 processes" in str(err)
+    else:
+        raise AssertionError("expected a ValueError")
+
+
+def test_keeps_only_the_newest_checkpoints(tmp_path):
+    model, loader = make()
+    train(model, loader, quiet(max_steps=8, checkpoint_every=2, keep_checkpoints=2), tmp_path)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*"))
+    assert names == ["step_0000006", "step_0000008"]
