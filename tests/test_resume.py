@@ -67,3 +67,32 @@ def test_keeps_only_the_newest_checkpoints(tmp_path):
     train(model, loader, quiet(max_steps=8, checkpoint_every=2, keep_checkpoints=2), tmp_path)
     names = sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*"))
     assert names == ["step_0000006", "step_0000008"]
+
+
+class StreamingLoader:
+    """An iterable with set_epoch and no state_dict, like a webdataset pipeline: resumed by replaying."""
+
+    def __init__(self, batch: int = 8) -> None:
+        from test_train import ToyData, collate
+
+        self.data, self.collate, self.batch, self.epoch = ToyData(40), collate, batch, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        order = torch.randperm(len(self.data), generator=torch.Generator().manual_seed(self.epoch))
+        for start in range(0, len(order), self.batch):  # 5 batches per epoch, the last one short
+            yield self.collate([self.data[int(i)] for i in order[start : start + self.batch][:7]])
+
+
+def test_streaming_loader_resume_replays_to_the_same_position(tmp_path):
+    full, _ = make()
+    ref = train(full, StreamingLoader(), quiet(max_steps=13), tmp_path / "full")
+    part, _ = make()
+    first = train(part, StreamingLoader(), quiet(max_steps=13), tmp_path / "cut", stop_after=7)  # mid epoch 2
+    again, _ = make()
+    second = train(again, StreamingLoader(), quiet(max_steps=13), tmp_path / "cut")
+    assert first.losses + second.losses == ref.losses
+    for a, b in zip(full.parameters(), again.parameters()):
+        assert torch.equal(a, b)

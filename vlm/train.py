@@ -307,47 +307,53 @@ class EpochLoader:
 
 
 class _BatchStream:
-    """Endless batches with a resumable position (exact for EpochLoader-like loaders, else by skipping)."""
+    """Endless batches with a resumable position (exact for EpochLoader-like loaders, else by skipping).
+
+    A streaming loader (e.g. `vlm.data.CaptionLoader`) must give the same batches for the same epoch
+    (set by ``set_epoch``); it is then resumed by replaying the epoch up to the saved batch.
+    """
 
     def __init__(self, loader: Iterable[Any]) -> None:
         self.loader = loader
         self.exact = hasattr(loader, "state_dict") and hasattr(loader, "load_state_dict")
-        self.consumed = 0  # batches handed out on this rank since the run began
         self.epoch = 0
+        self.in_epoch = 0  # batches handed out on this rank in the current epoch
         self._it: Iterator[Any] | None = None
 
     def __next__(self) -> Any:
         if self._it is None:
+            if not self.exact and hasattr(self.loader, "set_epoch"):
+                self.loader.set_epoch(self.epoch)
             self._it = iter(self.loader)
         while True:
             try:
                 batch = next(self._it)
                 break
             except StopIteration:
-                self.epoch += 1
+                if self.in_epoch == 0:
+                    raise ValueError("train: the data loader gave no batch in a whole epoch") from None
+                self.epoch, self.in_epoch = self.epoch + 1, 0
                 if hasattr(self.loader, "set_epoch"):
                     self.loader.set_epoch(self.epoch)
                 self._it = iter(self.loader)
-        self.consumed += 1
+        self.in_epoch += 1
         return batch
 
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"consumed": self.consumed, "epoch": self.epoch}
+        state: dict[str, Any] = {"epoch": self.epoch, "in_epoch": self.in_epoch}
         if self.exact:
             state["loader"] = self.loader.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.consumed, self.epoch = int(state["consumed"]), int(state["epoch"])
+        self.epoch, self._it = int(state["epoch"]), None
         if self.exact:
+            self.in_epoch = int(state["in_epoch"])
             self.loader.load_state_dict(state["loader"])
             return
-        if hasattr(self.loader, "set_epoch"):
-            self.loader.set_epoch(self.epoch)
-        consumed, self.consumed = self.consumed, 0
-        for _ in range(consumed):  # fast-forward a streaming loader to where the run stopped
+        self.in_epoch = 0
+        for _ in range(int(state["in_epoch"])):  # replay the epoch up to where the run stopped
             next(self)
-        self.consumed = consumed
 
 
 # ----------------------------------------------------------------------------------------------
