@@ -1,0 +1,142 @@
+"""Shard writing: round trip, atomic shards, folder + CSV/JSONL and img2dataset sources, shard specs."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vlm.data import DataConfig, resolve_shards, shards_from_folder, shards_from_img2dataset, write_samples
+from vlm.data.reader import CaptionLoader
+
+
+def _png(seed: int, size: int = 16) -> bytes:
+    rng = np.random.default_rng(seed)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _samples(n: int):
+    for i in range(n):
+        yield {"__key__": f"s{i:03d}", "png": _png(i), "json": {"captions": [f"caption {i}", f"other {i}"], "i": i}}
+
+
+def _read_all(spec, **config):
+    loader = CaptionLoader(
+        spec, DataConfig(batch_size=4, image_size=16, preprocess="plain", **config), train=False, keep_pixels=True
+    )
+    out = {}
+    for batch in loader:
+        for key, refs, meta, pixels in zip(batch.sample_keys, batch.references, batch.meta, batch.pixels):
+            out[key] = (refs, meta, pixels)
+    return out, loader
+
+
+def test_round_trip_write_then_read_gives_the_same_samples(tmp_path):
+    summary = write_samples(_samples(17), tmp_path, prefix="rt", samples_per_shard=5)
+    assert summary.num_samples == 17 and summary.samples_per_shard == [5, 5, 5, 2]
+    assert [p.rsplit("/", 1)[1] for p in summary.shards] == [f"rt-{i:06d}.tar" for i in range(4)]
+    index = json.loads((tmp_path / "rt-index.json").read_text())
+    assert index["num_samples"] == 17 and index["shards"] == summary.shards
+    got, loader = _read_all(summary.pattern)
+    assert sorted(got) == [f"s{i:03d}" for i in range(17)] and not loader.bad_samples
+    for i in range(17):
+        refs, meta, pixels = got[f"s{i:03d}"]
+        assert refs == [f"caption {i}", f"other {i}"] and meta["i"] == i
+        assert np.array_equal(pixels, np.asarray(Image.open(io.BytesIO(_png(i)))))
+
+
+def test_same_samples_give_identical_shard_bytes(tmp_path):
+    a = write_samples(_samples(6), tmp_path / "a", samples_per_shard=4)
+    b = write_samples(_samples(6), tmp_path / "b", samples_per_shard=4)
+    for x, y in zip(a.shards, b.shards):
+        assert Path(x).read_bytes() == Path(y).read_bytes()
+
+
+def test_a_failed_write_publishes_no_partial_shard(tmp_path):
+    def broken():
+        yield from _samples(7)
+        raise RuntimeError("source died")
+
+    with pytest.raises(RuntimeError, match="source died"):
+        write_samples(broken(), tmp_path, samples_per_shard=5)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["shard-000000.tar"]  # the complete first shard only: no half shard, no .tmp left
+    got, _ = _read_all(str(tmp_path / "shard-000000.tar"))
+    assert len(got) == 5
+
+
+def test_bad_keys_are_rejected(tmp_path):
+    with pytest.raises(ValueError, match="duplicate sample key"):
+        write_samples([{"__key__": "a", "txt": "x"}, {"__key__": "a", "txt": "y"}], tmp_path)
+    with pytest.raises(ValueError, match="__key__"):
+        write_samples([{"txt": "x"}], tmp_path / "b")
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_folder_with_caption_table(tmp_path, fmt):
+    images = tmp_path / "images"
+    (images / "sub").mkdir(parents=True)
+    (images / "a.png").write_bytes(_png(1))
+    (images / "sub" / "b.v2.png").write_bytes(_png(2))  # a dot in the name: the key must lose it
+    (images / "empty.png").write_bytes(b"")
+    rows = [
+        ("a.png", "first a"),
+        ("sub/b.v2.png", "only b"),
+        ("a.png", "second a"),
+        ("gone.png", "x"),
+        ("empty.png", "y"),
+    ]
+    if fmt == "csv":
+        table = tmp_path / "captions.csv"
+        table.write_text("file,caption\n" + "\n".join(f'{f},"{c}"' for f, c in rows) + "\n")
+    else:
+        table = tmp_path / "captions.jsonl"
+        table.write_text("\n".join(json.dumps({"image": f, "caption": c}) for f, c in rows) + "\n")
+    summary = shards_from_folder(images, table, tmp_path / "out", samples_per_shard=10)
+    assert summary.num_samples == 2 and summary.skipped == {"missing_image": 1, "empty_image": 1}
+    got, _ = _read_all(summary.pattern)
+    assert got["a"][0] == ["first a", "second a"] and got["sub_b_v2"][0] == ["only b"]
+
+
+def test_caption_table_needs_known_columns(tmp_path):
+    table = tmp_path / "c.csv"
+    table.write_text("name,text_of\nx.png,hi\n")
+    with pytest.raises(ValueError, match="image column"):
+        shards_from_folder(tmp_path, table, tmp_path / "out")
+
+
+def test_img2dataset_layout(tmp_path):
+    src = tmp_path / "downloaded" / "00000"
+    src.mkdir(parents=True)
+    (src / "000000000.jpg").write_bytes(_png(0))
+    (src / "000000000.txt").write_text("a photo\n")
+    (src / "000000000.json").write_text(json.dumps({"caption": "a photo", "url": "http://x", "status": "success"}))
+    (src / "000000001.jpg").write_bytes(_png(1))
+    (src / "000000001.json").write_text(json.dumps({"captions": ["one", "two"]}))
+    (src / "000000002.jpg").write_bytes(_png(2))  # no caption at all
+    (src / "000000003.jpg").write_bytes(_png(3))
+    (src / "000000003.txt").write_bytes("caf\xe9".encode("latin-1"))  # not UTF-8
+    summary = shards_from_img2dataset(tmp_path / "downloaded", tmp_path / "out")
+    assert summary.num_samples == 2
+    assert summary.skipped == {"missing_caption": 1, "bad_caption_encoding": 1}
+    got, _ = _read_all(summary.pattern)
+    assert got["00000_000000000"][0] == ["a photo"] and got["00000_000000000"][1]["url"] == "http://x"
+    assert got["00000_000000001"][0] == ["one", "two"]
+
+
+def test_resolve_shards_forms(tmp_path):
+    summary = write_samples(_samples(6), tmp_path, prefix="p", samples_per_shard=2)
+    expected = summary.shards
+    assert resolve_shards(str(tmp_path / "p-{000000..000002}.tar")) == expected
+    assert resolve_shards(str(tmp_path / "p-*.tar")) == expected
+    assert resolve_shards(str(tmp_path)) == expected
+    assert resolve_shards(summary.pattern) == expected
+    assert resolve_shards(expected[:1]) == expected[:1]
+    with pytest.raises(ValueError, match="no shards match"):
+        resolve_shards(str(tmp_path / "nothing-*.tar"))

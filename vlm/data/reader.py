@@ -1,0 +1,429 @@
+"""Reading caption shards: webdataset tar parsing, shuffling, node/worker splitting, decoding, batching.
+
+``CaptionLoader(shards, config, transform=..., text=processor)`` yields `CaptionBatch` dicts ready for
+``model(**batch)``: ``images`` (B, 3, H, W) — or ``image_features`` (B, P, D) from a feature cache —
+plus ``input_ids``/``attention_mask``/``labels`` when a text processor is given. Keys, the chosen
+caption, every reference caption and the stored JSON ride along as attributes (``batch.sample_keys``,
+``batch.captions``, ``batch.references``, ``batch.meta``) so they never reach the model.
+
+Splitting: shards are dealt to the ``world_size * num_workers`` readers when there are at least that
+many; with fewer shards, every reader reads all shards and keeps every n-th sample, so no reader
+starves. Everything random (shard order, sample buffer, caption choice, resampling) is seeded by
+``(seed, epoch, rank, worker)``: the same epoch gives the same batches, which is what resume relies on.
+
+Bad samples (0-byte, corrupt or truncated images, decompression bombs, missing or non-UTF-8 captions,
+unreadable features, broken tar members) are skipped and counted by reason, never fatal; images in
+other modes (grayscale, RGBA, palette, CMYK, 16-bit) are converted to RGB and counted as converted.
+``loader.bad_samples`` / ``loader.converted`` hold the counts (summed over workers) and a summary is
+logged at the end of every pass.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import random
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import webdataset as wds
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+
+from .config import DataConfig
+from .shards import IMAGE_EXTENSIONS, resolve_shards
+
+__all__ = [
+    "BadSample",
+    "CaptionBatch",
+    "CaptionDataset",
+    "CaptionLoader",
+    "build_transform",
+    "decode_image",
+    "read_captions",
+    "FEATURES_EXT",
+]
+
+log = logging.getLogger(__name__)
+FEATURES_EXT = "features.npy"
+IGNORE_INDEX = -100
+
+
+class BadSample(Exception):
+    """A sample that cannot be used; ``reason`` is the counter key."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+class CaptionBatch(dict):
+    """Model inputs (the dict items) plus per-sample metadata as attributes."""
+
+    sample_keys: list[str]
+    captions: list[str]
+    references: list[list[str]]
+    meta: list[dict[str, Any]]
+    pixels: np.ndarray | None  # (B, H, W, 3) uint8 when the loader keeps them (for sample grids)
+    stats: tuple[int, dict[str, int], dict[str, int]] | None  # (worker, skipped, converted) so far
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoding one sample
+
+
+def build_transform(config: DataConfig) -> Callable[[Image.Image], Tensor]:
+    """open_clip's eval preprocess at ``config.image_size`` (or a plain resize + [0, 1] tensor)."""
+    if config.preprocess == "open_clip":
+        import open_clip
+
+        return open_clip.image_transform(
+            config.image_size, is_train=False, mean=config.image_mean, std=config.image_std
+        )
+    from torchvision import transforms
+
+    return transforms.Compose([transforms.Resize((config.image_size, config.image_size)), transforms.ToTensor()])
+
+
+def _to_rgb(image: Image.Image) -> tuple[Image.Image, str | None]:
+    """Any PIL mode -> RGB; returns the original mode when a conversion happened."""
+    mode = image.mode
+    if mode == "RGB":
+        return image, None
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        pixels = np.asarray(image, dtype=np.float64)
+        if mode == "F":
+            scale = 255.0 if pixels.max(initial=0.0) <= 1.0 else 1.0
+        else:
+            scale = 255.0 / 65535.0  # 16-bit range -> 8 bits (a plain convert would clip at 255)
+        gray = np.clip(pixels * scale, 0, 255).round().astype(np.uint8)
+        return Image.fromarray(np.stack([gray] * 3, axis=-1)), mode
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGB", rgba.size, (255, 255, 255))  # transparent pixels become white
+        canvas.paste(rgba, mask=rgba.getchannel("A"))
+        return canvas, mode
+    return image.convert("RGB"), mode
+
+
+def decode_image(data: bytes, max_pixels: int) -> tuple[Image.Image, str | None]:
+    """Encoded image bytes -> (RGB PIL image, original mode if converted). Raises `BadSample`."""
+    if not data:
+        raise BadSample("empty_image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > max_pixels:
+                raise BadSample("decompression_bomb", f"{width}x{height} > {max_pixels} pixels")
+            image.load()
+    except BadSample:
+        raise
+    except Image.DecompressionBombError as err:
+        raise BadSample("decompression_bomb", str(err)) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as err:
+        reason = "truncated_image" if "truncated" in str(err).lower() else "corrupt_image"
+        raise BadSample(reason, str(err)) from None
+    return _to_rgb(image)
+
+
+def read_captions(sample: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
+    """Captions (``json`` ``captions``/``caption``, else ``txt`` lines) and the JSON metadata."""
+    meta: dict[str, Any] = {}
+    captions: list[str] = []
+    try:
+        if "json" in sample:
+            meta = json.loads(sample["json"].decode("utf-8"))
+            if not isinstance(meta, dict):
+                raise BadSample("bad_json", "the json member must hold an object")
+            found = meta.get("captions", meta.get("caption"))
+            captions = [found] if isinstance(found, str) else list(found or [])
+        if not captions and "txt" in sample:
+            captions = sample["txt"].decode("utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise BadSample("bad_caption_encoding", str(err)) from None
+    except json.JSONDecodeError as err:
+        raise BadSample("bad_json", str(err)) from None
+    if "json" not in sample and "txt" not in sample:
+        raise BadSample("missing_caption")
+    captions = [c.strip() for c in captions if isinstance(c, str) and c.strip()]
+    if not captions:
+        raise BadSample("empty_caption")
+    return captions, meta
+
+
+def _read_features(data: bytes) -> Tensor:
+    try:
+        array = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise BadSample("corrupt_features", str(err)) from None
+    if array.ndim != 2:
+        raise BadSample("corrupt_features", f"expected (P, D) features, got shape {array.shape}")
+    return torch.from_numpy(array.astype(np.float32))
+
+
+# ----------------------------------------------------------------------------------------------
+# Text
+
+
+def _text_example(text: Any, prompt: str, caption: str, max_tokens: int) -> dict[str, list[int]]:
+    """One caption -> unpadded ids/labels, the caption part truncated to ``max_tokens`` (eos included)."""
+    if hasattr(text, "build_inputs"):  # the VLM's processor: <image> placeholders, prompt, label masking
+        example = text.build_inputs(prompt, caption, num_images=1)
+        prefix = next((i for i, label in enumerate(example["labels"]) if label != IGNORE_INDEX), 0)
+        keep = prefix + max_tokens
+        return {"input_ids": example["input_ids"][:keep], "labels": example["labels"][:keep]}
+    ids = text(caption, truncation=True, max_length=max_tokens)["input_ids"]  # a plain HF tokenizer
+    return {"input_ids": list(ids), "labels": list(ids)}
+
+
+def _pad_text(text: Any, examples: list[dict[str, list[int]]]) -> dict[str, Tensor]:
+    if hasattr(text, "pad") and hasattr(text, "build_inputs"):
+        return text.pad(examples)
+    pad_id = getattr(text, "pad_token_id", None) or 0
+    length = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), length), dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e["input_ids"])
+        ids[row, :n] = torch.tensor(e["input_ids"], dtype=torch.long)
+        labels[row, :n] = torch.tensor(e["labels"], dtype=torch.long)
+        mask[row, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+# ----------------------------------------------------------------------------------------------
+# The dataset
+
+
+def _distributed_info() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([abs(int(p)) for p in parts]).generate_state(1)[0])
+
+
+class CaptionDataset(torch.utils.data.IterableDataset):
+    """Batches (not samples) from caption shards; see the module docstring. Use through `CaptionLoader`.
+
+    Args:
+        shards: a shard spec (see `resolve_shards`).
+        config: `DataConfig` (batch size, shuffling, resampling, image size, caption length...).
+        transform: PIL image -> (3, H, W) tensor; default `build_transform(config)`.
+        text: the VLM's processor (``build_inputs``/``pad``) or a HF tokenizer; None = no token tensors.
+        prompt: the text prompt of every example (with or without ``<image>``), for ``build_inputs``.
+        train: False = evaluation order: no shuffling, no resampling, always the first caption.
+        keep_pixels: also return the decoded images as ``batch.pixels`` (uint8) for sample grids.
+        rank, world_size: override the torch.distributed values (tests, custom launchers).
+    """
+
+    def __init__(
+        self,
+        shards: str | list[str],
+        config: DataConfig,
+        *,
+        transform: Callable[[Image.Image], Tensor] | None = None,
+        text: Any = None,
+        prompt: str = "",
+        train: bool = True,
+        keep_pixels: bool = False,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.urls = resolve_shards(shards)
+        self.config = config
+        self.transform = transform if transform is not None or config.use_cached_features else build_transform(config)
+        self.text, self.prompt, self.train, self.keep_pixels = text, prompt, train, keep_pixels
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def _slot(self) -> tuple[int, int, int]:
+        """(this reader's index, number of readers, worker id) over all ranks and DataLoader workers."""
+        rank, world = _distributed_info()
+        rank = rank if self.rank is None else self.rank
+        world = world if self.world_size is None else self.world_size
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        return rank * workers + worker, world * workers, worker
+
+    def _shard_stream(self, slot: int, slots: int, rng: random.Random) -> tuple[Iterator[dict[str, str]], bool]:
+        """Shard urls this reader opens, and whether samples still need splitting between readers."""
+        cfg = self.config
+        if cfg.resampled and self.train:  # endless, with replacement; every reader draws its own shards
+            return (dict(url=rng.choice(self.urls)) for _ in iter(int, 1)), False
+        urls = list(self.urls)
+        if cfg.shard_shuffle and self.train:
+            random.Random(_seed(cfg.seed, self.epoch)).shuffle(urls)  # same order on every reader
+        if len(urls) >= slots:
+            return (dict(url=u) for u in urls[slot::slots]), False
+        return (dict(url=u) for u in urls), slots > 1
+
+    def __iter__(self) -> Iterator[CaptionBatch]:
+        cfg = self.config
+        slot, slots, worker = self._slot()
+        rng = random.Random(_seed(cfg.seed, self.epoch, slot, 1))
+        skipped: Counter[str] = Counter()
+        converted: Counter[str] = Counter()
+
+        def tar_error(err: Exception) -> bool:
+            skipped["broken_tar"] += 1
+            log.warning("skipping unreadable shard data: %s", err)
+            return True  # keep going
+
+        shard_stream, split_samples = self._shard_stream(slot, slots, rng)
+        samples: Iterator[dict[str, Any]] = wds.tarfile_to_samples(handler=tar_error)(shard_stream)
+        if split_samples:
+            samples = (s for i, s in enumerate(samples) if i % slots == slot)
+        if cfg.sample_shuffle > 1 and self.train:
+            samples = wds.shuffle(
+                cfg.sample_shuffle, initial=cfg.sample_shuffle, seed=_seed(cfg.seed, self.epoch, slot, 2)
+            )(samples)
+
+        items: list[dict[str, Any]] = []
+        reported = (0, 0)
+        for sample in samples:
+            try:
+                items.append(self._decode(sample, rng, converted))
+            except BadSample as bad:
+                skipped[bad.reason] += 1
+                if skipped[bad.reason] == 1:
+                    log.warning("skipping bad sample %s (%s); further ones are counted", sample.get("__key__"), bad)
+                continue
+            if len(items) == cfg.batch_size:
+                yield self._collate(items, (worker, dict(skipped), dict(converted)))
+                items, reported = [], (skipped.total(), converted.total())
+        if items and not (cfg.drop_last and self.train):
+            yield self._collate(items, (worker, dict(skipped), dict(converted)))
+        elif (skipped.total(), converted.total()) != reported:
+            marker = CaptionBatch()
+            marker.stats = (worker, dict(skipped), dict(converted))
+            yield marker  # counts only; `CaptionLoader` swallows it
+
+    def _decode(self, sample: dict[str, Any], rng: random.Random, converted: Counter[str]) -> dict[str, Any]:
+        cfg = self.config
+        captions, meta = read_captions(sample)
+        item: dict[str, Any] = {"key": sample["__key__"], "references": captions, "meta": meta}
+        item["caption"] = captions[0] if (cfg.caption_choice == "first" or not self.train) else rng.choice(captions)
+        image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in sample), None)
+        if cfg.use_cached_features:
+            if FEATURES_EXT not in sample:
+                raise BadSample("missing_features", "this shard has no cached features (see vlm.data.features)")
+            item["image_features"] = _read_features(sample[FEATURES_EXT])
+        if image_ext is None and (not cfg.use_cached_features or self.keep_pixels):
+            raise BadSample("missing_image")
+        if not cfg.use_cached_features or self.keep_pixels:
+            image, mode = decode_image(sample[image_ext], cfg.max_image_pixels)
+            if mode is not None:
+                converted[mode] += 1
+            if not cfg.use_cached_features:
+                item["images"] = self.transform(image)
+            if self.keep_pixels:
+                item["pixels"] = np.asarray(image.resize((cfg.image_size, cfg.image_size)), dtype=np.uint8)
+        if self.text is not None:
+            item["text"] = _text_example(self.text, self.prompt, item["caption"], cfg.max_caption_tokens)
+        return item
+
+    def _collate(self, items: list[dict[str, Any]], stats) -> CaptionBatch:
+        batch = CaptionBatch()
+        for name in ("images", "image_features"):
+            if name in items[0]:
+                shapes = {tuple(it[name].shape) for it in items}
+                if len(shapes) > 1:
+                    raise ValueError(f"{name} of one batch must share a shape, got {sorted(shapes)}")
+                batch[name] = torch.stack([it[name] for it in items])  # (B, 3, H, W) or (B, P, D)
+        if self.text is not None:
+            batch.update(_pad_text(self.text, [it["text"] for it in items]))
+        batch.sample_keys = [it["key"] for it in items]
+        batch.captions = [it["caption"] for it in items]
+        batch.references = [it["references"] for it in items]
+        batch.meta = [it["meta"] for it in items]
+        batch.pixels = np.stack([it["pixels"] for it in items]) if self.keep_pixels else None
+        batch.stats = stats
+        return batch
+
+
+# ----------------------------------------------------------------------------------------------
+# The loader
+
+
+def _passthrough(batch: CaptionBatch) -> CaptionBatch:
+    return batch
+
+
+class CaptionLoader:
+    """A DataLoader over `CaptionDataset` that gathers bad-sample counts from its workers.
+
+    Iterating gives `CaptionBatch` dicts; ``set_epoch(e)`` picks the epoch's shuffles (call it
+    before iterating; a `resampled` loader is endless). ``bad_samples``/``converted`` are summed over
+    workers and every pass so far; ``last_pass_stats`` holds the counts of the latest pass.
+    """
+
+    def __init__(self, shards: str | list[str], config: DataConfig, **dataset_kwargs: Any) -> None:
+        self.dataset = CaptionDataset(shards, config, **dataset_kwargs)
+        self.config = config
+        self._passes: list[dict[int, tuple[dict[str, int], dict[str, int]]]] = []
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+
+    @property
+    def epoch(self) -> int:
+        return self.dataset.epoch
+
+    def __iter__(self) -> Iterator[CaptionBatch]:
+        workers = self.config.num_workers
+        loader = torch.utils.data.DataLoader(
+            self.dataset,
+            batch_size=None,
+            num_workers=workers,
+            collate_fn=_passthrough,
+            persistent_workers=False,
+            prefetch_factor=2 if workers else None,
+        )
+        per_worker: dict[int, tuple[dict[str, int], dict[str, int]]] = {}
+        self._passes.append(per_worker)
+        for batch in loader:
+            worker, skipped, converted = batch.stats
+            per_worker[worker] = (skipped, converted)  # cumulative within the pass
+            if len(batch):
+                yield batch
+        skipped, converted = self.last_pass_stats
+        if skipped or converted:
+            log.info("data pass done: skipped %s, converted %s", dict(skipped), dict(converted))
+
+    def _sum(self, passes, index: int) -> Counter[str]:
+        total: Counter[str] = Counter()
+        for per_worker in passes:
+            for counts in per_worker.values():
+                total.update(counts[index])
+        return total
+
+    @property
+    def bad_samples(self) -> Counter[str]:
+        """Skipped samples by reason (``empty_image``, ``corrupt_image``, ``missing_caption``, ...)."""
+        return self._sum(self._passes, 0)
+
+    @property
+    def converted(self) -> Counter[str]:
+        """Images converted to RGB, by original PIL mode (``L``, ``RGBA``, ``P``, ``CMYK``, ``I;16``...)."""
+        return self._sum(self._passes, 1)
+
+    @property
+    def last_pass_stats(self) -> tuple[Counter[str], Counter[str]]:
+        passes = self._passes[-1:]
+        return self._sum(passes, 0), self._sum(passes, 1)
