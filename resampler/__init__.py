@@ -10,6 +10,7 @@ from .decoders import (
     LearnedQueries,
     MultimodalDecoder,
     PerceiverDecoder,
+    ProjectionDecoder,
 )
 from .flamingo import PerceiverResampler
 from .perceiver import PerceiverClassifier, PerceiverEncoder, PerceiverEncoderConfig
@@ -42,6 +43,7 @@ __all__ = [
     "LearnedQueries",
     "FourierQueries",
     "ClassificationDecoder",
+    "ProjectionDecoder",
     "EmbeddingDecoder",
     "FlowDecoder",
     "MultimodalDecoder",

@@ -26,6 +26,7 @@ __all__ = [
     "FourierQueries",
     "PerceiverDecoder",
     "ClassificationDecoder",
+    "ProjectionDecoder",
     "EmbeddingDecoder",
     "FlowDecoder",
     "MultimodalDecoder",
@@ -278,6 +279,22 @@ class ClassificationDecoder(nn.Module):
 
     def forward(self, latents: Tensor) -> Tensor:
         return self.decoder(latents)[:, 0]  # (B, num_classes)
+
+
+class ProjectionDecoder(nn.Module):
+    """Perceiver v1's classifier: average the latents, then a linear layer -> (B, num_classes)."""
+
+    def __init__(self, latent_dim: int, num_classes: int, *, device=None, dtype=None) -> None:
+        super().__init__()
+        self.latent_dim = latent_dim
+        self.proj = nn.Linear(latent_dim, num_classes, device=device, dtype=dtype)
+
+    def forward(self, latents: Tensor) -> Tensor:
+        if latents.dim() != 3 or latents.shape[-1] != self.latent_dim:
+            raise ValueError(
+                f"ProjectionDecoder: latents must be (B, N, {self.latent_dim}), got {tuple(latents.shape)}"
+            )
+        return self.proj(latents.mean(dim=1))
 
 
 class EmbeddingDecoder(nn.Module):

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .blocks import CrossAttentionBlock, SelfAttentionBlock
-from .decoders import ClassificationDecoder
+from .decoders import ClassificationDecoder, ProjectionDecoder
 
 __all__ = ["PerceiverEncoderConfig", "PerceiverEncoder", "PerceiverClassifier", "check_inputs"]
 
@@ -210,10 +210,11 @@ class PerceiverEncoder(nn.Module):
 
 
 class PerceiverClassifier(nn.Module):
-    """Perceiver v1 classifier: encoder, then one learned query cross-attends to the latents -> logits.
+    """Perceiver classifier: ``forward(inputs (B, M, C), mask=None) -> (B, num_classes)``.
 
-    ``forward(inputs (B, M, C), mask=None) -> (B, num_classes)``. The decoder follows the official
-    classification decoder: one query of width ``latent_dim``, 1 head, query residual, widening 1.
+    ``head='query'`` (Perceiver IO's classification decoder, the default): one learned query of width
+    ``latent_dim`` cross-attends to the latents (``decoder_heads`` heads, query residual, widening 1).
+    ``head='mean'`` (Perceiver v1 paper): average the latents, then a linear layer.
     """
 
     def __init__(
@@ -221,13 +222,19 @@ class PerceiverClassifier(nn.Module):
         config: PerceiverEncoderConfig,
         num_classes: int,
         *,
+        head: str = "query",
         decoder_heads: int = 1,
         decoder_widening: float = 1.0,
         device=None,
         dtype=None,
     ) -> None:
         super().__init__()
+        if head not in ("query", "mean"):
+            raise ValueError(f"PerceiverClassifier: head must be 'query' or 'mean', got {head!r}")
         self.encoder = PerceiverEncoder(config, device=device, dtype=dtype)
+        if head == "mean":
+            self.decoder = ProjectionDecoder(config.latent_dim, num_classes, device=device, dtype=dtype)
+            return
         self.decoder = ClassificationDecoder(
             config.latent_dim,
             num_classes,

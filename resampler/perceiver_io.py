@@ -19,6 +19,7 @@ from .decoders import (
     FlowDecoder,
     MultimodalDecoder,
     PerceiverDecoder,
+    ProjectionDecoder,
 )
 from .perceiver import PerceiverEncoder, PerceiverEncoderConfig
 from .preprocessors import Preprocessed
@@ -96,9 +97,9 @@ class PerceiverIO(nn.Module):
         latents, pre = self.encode(inputs, mask)
         if queries is None and self.queries_from_inputs:
             queries = pre.features
-        if isinstance(self.decoder, ClassificationDecoder):
+        if isinstance(self.decoder, (ClassificationDecoder, ProjectionDecoder)):
             if queries is not None or query_index is not None:
-                raise ValueError("PerceiverIO: a ClassificationDecoder takes no queries or query_index")
+                raise ValueError(f"PerceiverIO: a {type(self.decoder).__name__} takes no queries or query_index")
             return self.decoder(latents)
         return self.decoder(latents, queries, query_index)
 

@@ -9,6 +9,7 @@ Supported, and what the converted model is called with:
 | HF model                                       | ours                              | call                          |
 |------------------------------------------------|-----------------------------------|-------------------------------|
 | PerceiverModel, no preprocessor, Classification| PerceiverIO + ClassificationDecoder| ``m(inputs, mask)``           |
+|   or Projection decoder (mean + linear)        | PerceiverIO + ProjectionDecoder   | ``m(inputs, mask)``           |
 |   or Basic decoder (trainable queries)         | PerceiverIO + PerceiverDecoder    | ``m(inputs, mask)``           |
 | PerceiverForMaskedLM                           | PerceiverMaskedLM                 | ``m(input_ids, mask)``        |
 | PerceiverForSequenceClassification             | PerceiverIO (text preprocessor)   | ``m(input_ids, mask)``        |
@@ -39,6 +40,7 @@ from ..decoders import (
     LearnedQueries,
     MultimodalDecoder,
     PerceiverDecoder,
+    ProjectionDecoder,
 )
 from ..perceiver import PerceiverEncoder, PerceiverEncoderConfig
 from ..perceiver_io import PerceiverIO, PerceiverMaskedLM, PerceiverMultimodalAutoencoder, PerceiverOpticalFlow
@@ -252,11 +254,21 @@ def _convert_classification_decoder(hf_cls, config) -> ClassificationDecoder:
     return ours
 
 
+def _kinds(module: nn.Module) -> set[str]:
+    """Class names along the MRO, so subclasses of the HF classes convert too."""
+    return {cls.__name__ for cls in type(module).__mro__}
+
+
 def _convert_any_decoder(hf_decoder, config) -> nn.Module:
-    name = type(hf_decoder).__name__
-    if name == "PerceiverClassificationDecoder":
+    name, kinds = type(hf_decoder).__name__, _kinds(hf_decoder)
+    if "PerceiverClassificationDecoder" in kinds:
         return _convert_classification_decoder(hf_decoder, config)
-    if name == "PerceiverBasicDecoder":
+    if "PerceiverProjectionDecoder" in kinds:
+        lin = hf_decoder.classifier
+        ours = ProjectionDecoder(lin.in_features, lin.out_features)
+        _copy_linear(ours.proj, lin)
+        return ours
+    if "PerceiverBasicDecoder" in kinds:
         if hf_decoder.position_encoding_type != "trainable":
             raise ValueError("from_hf_perceiver: a PerceiverModel's basic decoder must use trainable queries")
         return _convert_basic_decoder(hf_decoder, config, queries=_queries_of(hf_decoder))
