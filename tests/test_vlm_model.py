@@ -2,23 +2,218 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from PIL import Image
 
-from vlm.testing import tiny_images, tiny_vlm
+from vlm import IGNORE_INDEX, VisionConfig, VisionLanguageModel
+from vlm.testing import tiny_clip, tiny_images, tiny_lm, tiny_parts, tiny_tokenizer, tiny_vlm, tiny_vlm_config
+from vlm.vision import VisionTower
+
+
+def _perturb(model, scale=0.3, seed=0):
+    """Move the trainable weights off their init (LoRA B = 0, gates = 0) so every path matters."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.trainable_parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * scale)
+    return model
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls on a shared 2-core machine run ~50x faster on one thread than on two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
-def model():
-    return tiny_vlm("llama").eval()
+def model(one_thread):
+    return _perturb(tiny_vlm("llama")).eval()
 
 
-def test_forward_backward_smoke(model):
-    batch = model.processor(["Caption:", ""], captions=["a red circle", "two blue squares"], num_images=1)
+def test_image_embeddings_are_spliced_at_placeholders(model):
+    batch = model.processor(["Caption:", "<image>left <image>right"], num_images=[1, 2])
+    images = tiny_images(3)
+    seen = {}
+    handle = model.language_model.register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.update(kwargs), with_kwargs=True
+    )
+    try:
+        model(images=images, **batch)
+    finally:
+        handle.remove()
+    embeds = seen["inputs_embeds"]
+    is_image = batch["input_ids"] == model.image_token_id
+    media, _ = model.encode_images(images)  # (3, latents, H), in batch order
+    torch.testing.assert_close(embeds[is_image], media.reshape(-1, media.shape[-1]), rtol=0, atol=0)
+    table = model.language_model.get_input_embeddings().weight
+    torch.testing.assert_close(embeds[~is_image], table[batch["input_ids"][~is_image]], rtol=0, atol=0)
+    # every image is one contiguous run of num_latents placeholders
+    assert is_image.sum().item() == 3 * model.config.resampler.num_latents
+
+
+def test_interleaved_images_and_text_only_samples_batch_like_alone(model):
+    """A batch mixing 2 interleaved images, no image and 1 image gives each sample's solo logits."""
+    prompts = ["<image>a red <image>and a blue", "a text only prompt", "<image>Caption:"]
+    captions = ["circle", "square", "two stars"]
+    counts = [2, 0, 1]
+    images = tiny_images(3, seed=3)
+    batch = model.processor(prompts, captions=captions, num_images=counts)
+    out = model(images=images, **batch)
+    starts = [0, 2, 2]
+    for i in range(3):
+        solo = model.processor([prompts[i]], captions=[captions[i]], num_images=counts[i])
+        sub = images[starts[i] : starts[i] + counts[i]]
+        solo_out = model(images=sub if counts[i] else None, **solo)
+        n = solo["input_ids"].shape[1]
+        torch.testing.assert_close(out.logits[i, :n], solo_out.logits[0], rtol=1e-5, atol=1e-5)
+
+
+def test_labels_cover_only_the_caption_and_eos(model):
+    batch = model.processor(["<image>Caption:", "Q:"], captions=["a red circle", "a"], num_images=[1, 1])
+    ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
+    tok = model.tokenizer
+    for i, caption in enumerate(["a red circle", "a"]):
+        target = tok(caption, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        assert labels[i][labels[i] != IGNORE_INDEX].tolist() == target
+    assert (labels[ids == model.image_token_id] == IGNORE_INDEX).all()
+    assert (labels[mask == 0] == IGNORE_INDEX).all()
+    # the loss is the mean next-token cross-entropy over exactly those positions
     out = model(images=tiny_images(2), **batch)
-    assert out.logits.shape == (*batch["input_ids"].shape, model.language_model.config.vocab_size)
-    assert torch.isfinite(out.loss)
-    out.loss.backward()
-    assert all(p.grad is not None for p in model.trainable_parameters())
-    model.zero_grad(set_to_none=True)
-    assert len(model.generate(tiny_images(2), "Caption:", max_new_tokens=3)) == 2
+    logits, shifted = out.logits[:, :-1], labels[:, 1:]
+    manual = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), shifted.reshape(-1), ignore_index=IGNORE_INDEX)
+    torch.testing.assert_close(out.loss, manual)
+
+
+def test_precomputed_features_nested_lists_and_pil_match_tensors(model):
+    images = tiny_images(2, seed=5)
+    batch = model.processor(["Caption:", "Caption:"], num_images=1)
+    ref = model(images=images, **batch).logits
+    features = model.vision(images)
+    torch.testing.assert_close(model(image_features=features, **batch).logits, ref, rtol=0, atol=0)
+    torch.testing.assert_close(model(images=[[images[0]], [images[1]]], **batch).logits, ref, rtol=0, atol=0)
+    torch.testing.assert_close(model(images=images[:, None], **batch).logits, ref, rtol=0, atol=0)
+    # PIL images go through the tower's own open_clip preprocess
+    rng = np.random.default_rng(0)
+    pil = [Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)) for _ in range(2)]
+    pixels = torch.stack([model.vision.preprocess(p) for p in pil])
+    torch.testing.assert_close(model(images=pil, **batch).logits, model(images=pixels, **batch).logits, rtol=0, atol=0)
+
+
+def test_text_only_input_at_init_equals_the_base_lm():
+    """LoRA starts at B = 0 and text embeddings are untouched: no image -> the base LM's logits."""
+    vision, _, lm, tok = tiny_parts("qwen2")
+    base = tiny_lm("qwen2", tiny_tokenizer()).eval()
+    model = VisionLanguageModel.from_parts(vision, lm, tok, tiny_vlm_config("qwen2")).eval()
+    ids = torch.tensor([tok("the quick brown fox")["input_ids"]])
+    got = model(input_ids=ids).logits
+    want = base(input_ids=ids).logits
+    assert torch.equal(got[..., : want.shape[-1]], want)
+
+
+def test_batched_greedy_equals_one_by_one_and_other_decoders(model):
+    images = tiny_images(3, seed=7)
+    prompts = ["Caption:", "a", "Question: What is in this picture? Answer:"]
+    batched = model.generate(images, prompts, max_new_tokens=6)
+    single = [model.generate(images[i : i + 1], [prompts[i]], max_new_tokens=6)[0] for i in range(3)]
+    assert batched == single
+    assert model.caption(images, prompt="Caption:", max_new_tokens=6)[0] == batched[0]
+    beams = model.generate(images, prompts, max_new_tokens=4, num_beams=3, num_return_sequences=2)
+    assert len(beams) == 6 and all(isinstance(s, str) for s in beams)
+    torch.manual_seed(0)
+    sampled = model.generate(images, prompts, max_new_tokens=4, do_sample=True, top_k=10)
+    torch.manual_seed(0)
+    assert model.generate(images, prompts, max_new_tokens=4, do_sample=True, top_k=10) == sampled
+
+
+def test_train_step_changes_only_trainable_and_keeps_tower_frozen():
+    model = tiny_vlm("gpt2")
+    model.train()
+    assert not model.vision.training and not model.vision.visual.training
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {
+        n
+        for n, _ in model.named_parameters()
+        if n.startswith(("resampler.", "projector.")) or (n.startswith("lm.") and "lora_" in n)
+    }
+    assert all(not p.requires_grad for p in model.vision.parameters())
+    grouped = {id(p) for g in model.param_groups(1e-3, lora_lr=1e-4, weight_decay=0.1) for p in g["params"]}
+    assert grouped == {id(p) for p in model.trainable_parameters()}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW(model.param_groups(1e-2, lora_lr=1e-3))
+    batch = model.processor(["Caption:"] * 2, captions=["a red circle", "a blue square"], num_images=1)
+    model(images=tiny_images(2), **batch).loss.backward()
+    got_grad = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    # LoRA A has zero gradient while B = 0, as it should; everything else trainable gets one
+    assert got_grad == {n for n in trainable if "lora_A" not in n}
+    optimizer.step()
+    for name, param in model.named_parameters():
+        if name in trainable and "lora_A" not in name:
+            assert not torch.equal(param, before[name]), name
+        elif name not in trainable:
+            assert torch.equal(param, before[name]), name
+
+
+def test_vision_tower_layers_and_cls():
+    clip, preprocess = tiny_clip()
+    images = tiny_images(2)
+    last = VisionTower(clip, VisionConfig(pretrained=None), preprocess)
+    clip.visual.output_tokens = True
+    _, tokens = clip.visual(images)
+    clip.visual.output_tokens = False
+    torch.testing.assert_close(last(images), tokens, rtol=0, atol=0)
+    penultimate = VisionTower(clip, VisionConfig(pretrained=None, layer="penultimate", keep_cls=True))
+    x = clip.visual._embeds(images)
+    for block in clip.visual.transformer.resblocks[:-1]:
+        x = block(x)
+    torch.testing.assert_close(penultimate(images), x, rtol=1e-5, atol=1e-5)
+    assert penultimate.num_patches == last.num_patches + 1 == x.shape[1]
+
+
+def test_bad_inputs_raise_clear_errors(model):
+    batch = model.processor(["Caption:", "Caption:"], num_images=1)
+    with pytest.raises(ValueError, match="2 .*slots.* but 3 images"):
+        model(images=tiny_images(3), **batch)
+    with pytest.raises(ValueError, match="but 1 images"):
+        model(images=tiny_images(1), **batch)
+    with pytest.raises(ValueError, match=r"images given per sample \[2, 0\]"):
+        model(images=[[tiny_images(1)[0]] * 2, []], **batch)
+    with pytest.raises(ValueError, match=r"\(N, 3, 32, 32\)"):
+        model(images=torch.randn(2, 3, 64, 64), **batch)
+    with pytest.raises(ValueError, match="uint8 tensor"):
+        model(images=torch.zeros(2, 3, 32, 32, dtype=torch.uint8), **batch)
+    with pytest.raises(ValueError, match="got str"):
+        model(images="cat.jpg", **batch)
+    with pytest.raises(ValueError, match="tower's width is 48"):
+        model(image_features=torch.randn(2, 16, 32), **batch)
+    with pytest.raises(ValueError, match="not a multiple of 8"):
+        model(images=tiny_images(1), input_ids=batch["input_ids"][:1, :-5])
+    with pytest.raises(ValueError, match="has 1 '<image>' tokens but 2 images"):
+        model.processor.build_inputs("<image>Caption:", num_images=2)
+    with pytest.raises(ValueError, match="attention_mask must have input_ids' shape"):
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"][:, 1:], images=tiny_images(2))
+
+
+def test_prompt_longer_than_context_and_widths_that_do_not_fit():
+    vision, _, _, tok = tiny_parts("llama")
+    lm = tiny_lm("llama", tok, max_position_embeddings=24)
+    model = VisionLanguageModel.from_parts(vision, lm, tok, tiny_vlm_config("llama"))
+    with pytest.raises(ValueError, match="more than the LM's context of 24"):
+        model.processor.build_inputs("<image>" + "the quick brown fox jumps over the lazy dog")
+    with pytest.raises(ValueError, match="more than the LM's context of 24"):
+        model(input_ids=torch.ones(1, 30, dtype=torch.long))
+    vision, _, lm, tok = tiny_parts("llama")
+    config = tiny_vlm_config("llama")
+    config.resampler.num_patch_positions = 49
+    with pytest.raises(ValueError, match="num_patch_positions=49 but the vision tower gives 16"):
+        VisionLanguageModel.from_parts(vision, lm, tok, config)
+    from resampler import PerceiverResampler
+
+    vision, _, lm, tok = tiny_parts("llama")
+    with pytest.raises(ValueError, match="vision tower's width is 48"):
+        VisionLanguageModel.from_parts(vision, lm, tok, config, resampler=PerceiverResampler(64, 1, 8))

@@ -176,9 +176,10 @@ def tiny_vlm(model_type: str = "llama", seed: int = 0, **sections):
     """A ``VisionLanguageModel`` built from the tiny parts (seeded, so two calls are identical)."""
     from .model import VisionLanguageModel
 
-    vision, _, lm, tokenizer = tiny_parts(model_type, seed)
+    vision, preprocess, lm, tokenizer = tiny_parts(model_type, seed)
     torch.manual_seed(seed + 1)
-    return VisionLanguageModel.from_parts(vision, lm, tokenizer, tiny_vlm_config(model_type, **sections))
+    config = tiny_vlm_config(model_type, **sections)
+    return VisionLanguageModel.from_parts(vision, lm, tokenizer, config, preprocess=preprocess)
 
 
 def tiny_images(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:
