@@ -68,6 +68,8 @@ _FAMILY_KWARGS: dict[str, dict[str, Any]] = {
     "olmo2": {"num_key_value_heads": 2},
     "stablelm": {"num_key_value_heads": 2},
     "granite": {"num_key_value_heads": 2},
+    "olmo": {"num_key_value_heads": 2},
+    "mixtral": {"num_key_value_heads": 2, "num_local_experts": 2, "num_experts_per_tok": 1},
 }
 TINY_FAMILIES = tuple(_FAMILY_KWARGS)
 
