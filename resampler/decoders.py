@@ -57,19 +57,27 @@ class LearnedQueries(nn.Module):
         self.num_queries, self.dim = num_queries, dim
         self.weight = nn.Parameter(torch.randn(num_queries, dim, device=device, dtype=dtype) * init_std)
 
-    def forward(self, batch_size: int, index: Tensor | None = None) -> Tensor:
+    def forward(
+        self, batch_size: int, index: Tensor | None = None, *, start: int = 0, stop: int | None = None, device=None
+    ) -> Tensor:
+        """Queries ``index[start:stop]`` (or rows ``start:stop`` when ``index`` is None) -> (B, O, dim)."""
         _check_index("LearnedQueries", index, self.num_queries)
-        table = self.weight if index is None else self.weight[index.to(self.weight.device)]
+        if index is None:
+            table = self.weight[start:stop]
+        else:
+            table = self.weight[index[start:stop].to(self.weight.device)]
         return table.expand(batch_size, *table.shape)
 
 
 class FourierQueries(nn.Module):
     """Fourier features of the positions of an output grid ``index_dims`` (optionally projected).
 
-    ``forward(batch_size, index=None)``: all prod(index_dims) queries, or only the flat indices ``index``.
-    Positions follow ``linear_positions`` (``i -> -1 + 2 i / (n - 1)``). ``subsample_positions='deepmind'``
-    instead maps a subsampled index to ``-1 + 2 i / n`` as DeepMind's (and Hugging Face's) decoder does
-    on its subsampling path; the converter sets it for checkpoint parity.
+    ``forward(batch_size, index=None, start=0, stop=None)``: queries ``start:stop`` of all prod(index_dims)
+    grid points, or of the flat indices ``index`` (subsampled decoding); features are computed for
+    those queries only. Positions follow ``linear_positions`` (``i -> -1 + 2 i / (n - 1)``).
+    ``subsample_positions='deepmind'`` instead maps a *subsampled* index to ``-1 + 2 i / n``, as
+    DeepMind's (and Hugging Face's) decoder does on its subsampling path; the converter sets it for
+    checkpoint parity. Chunking (``start``/``stop``) never changes the positions.
     """
 
     def __init__(
@@ -103,20 +111,25 @@ class FourierQueries(nn.Module):
             self.projection = nn.Linear(self.feature_dim, project_dim, device=device, dtype=dtype)
         self.dim = self.feature_dim if project_dim is None else project_dim
 
-    def positions(self, index: Tensor | None, device=None) -> Tensor:
-        """(O, d) positions in [-1, 1] of all grid points or of the flat indices ``index``."""
-        if index is None:
-            return linear_positions(self.index_dims, device=device).reshape(-1, len(self.index_dims))
-        coords = torch.stack(torch.unravel_index(index.to(device), self.index_dims), dim=-1).float()  # (O, d)
+    def positions(self, index: Tensor | None, device=None, start: int = 0, stop: int | None = None) -> Tensor:
+        """(O, d) positions in [-1, 1] of grid points ``start:stop``, or of ``index[start:stop]``."""
+        d = len(self.index_dims)
+        if index is None:  # the grid itself (d floats per point, cheap even for every pixel of a frame)
+            return linear_positions(self.index_dims, device=device).reshape(-1, d)[start:stop]
+        index = index[start:stop].to(device)
+        coords = torch.stack(torch.unravel_index(index, self.index_dims), dim=-1).float()  # (O, d)
         dims = torch.tensor(self.index_dims, device=device, dtype=torch.float32)
         if self.subsample_positions == "deepmind":
             return -1 + 2 * coords / dims
         return torch.where(dims > 1, -1 + 2 * coords / (dims - 1).clamp(min=1), torch.full_like(coords, -1.0))
 
-    def forward(self, batch_size: int, index: Tensor | None = None) -> Tensor:
+    def forward(
+        self, batch_size: int, index: Tensor | None = None, *, start: int = 0, stop: int | None = None, device=None
+    ) -> Tensor:
         _check_index("FourierQueries", index, self.num_queries)
-        device = None if self.projection is None else self.projection.weight.device
-        pos = self.positions(index, device)
+        if self.projection is not None:
+            device = self.projection.weight.device
+        pos = self.positions(index, device, start, stop)
         feats = fourier_features(
             pos, self.num_bands, self.max_resolution, concat_pos=self.concat_pos, sine_only=self.sine_only
         )  # (O, F)
@@ -216,22 +229,23 @@ class PerceiverDecoder(nn.Module):
         chunk = self.chunk_size or max(num, 1)
         outs = []
         for start in range(0, num, chunk):
-            sel = torch.arange(start, min(start + chunk, num), device=latents.device)
-            if query_index is not None:
-                sel = query_index.to(latents.device)[sel]
-            elif num <= chunk:
-                sel = None  # everything, no gather needed
-            q = self._chunk_queries(batch, queries, sel).to(latents.dtype)  # (B, O_chunk, query_dim)
-            out = self.block(q, latents)
+            stop = min(start + chunk, num)
+            q = self._chunk_queries(batch, queries, query_index, start, stop, latents.device)
+            out = self.block(q.to(latents.dtype), latents)  # (B, O_chunk, query_dim)
             outs.append(out if self.proj is None else self.proj(out))
         if not outs:
             return latents.new_zeros(batch, 0, self.out_dim)
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
-    def _chunk_queries(self, batch: int, queries: Tensor | None, sel: Tensor | None) -> Tensor:
-        if queries is not None:
-            return queries if sel is None else queries[:, sel.to(queries.device)]
-        return self.queries(batch, sel)
+    def _chunk_queries(
+        self, batch: int, queries: Tensor | None, index: Tensor | None, start: int, stop: int, device
+    ) -> Tensor:
+        """Queries number ``start:stop`` of the ones to decode (all, or ``index``)."""
+        if queries is None:
+            return self.queries(batch, index, start=start, stop=stop, device=device)
+        if index is None:
+            return queries[:, start:stop]
+        return queries[:, index[start:stop].to(queries.device)]
 
 
 class ClassificationDecoder(nn.Module):
@@ -410,20 +424,22 @@ class MultimodalDecoder(nn.Module):
             latent_dim, self.query_dim, out_dim, chunk_size=chunk_size, device=device, dtype=dtype, **decoder_kwargs
         )
 
-    def build_queries(self, batch: int, query_index: Mapping[str, Tensor | None] | None = None) -> dict[str, Tensor]:
+    def build_queries(
+        self, batch: int, query_index: Mapping[str, Tensor | None] | None = None, device=None
+    ) -> dict[str, Tensor]:
         query_index = dict(query_index or {})
         unknown = set(query_index) - set(self.names)
         if unknown:
             raise ValueError(f"MultimodalDecoder: query_index for unknown modalities {sorted(unknown)}")
         out = {}
         for name in self.names:
-            q = self.queries[name](batch, query_index.get(name))  # (B, O_m, d_m)
+            q = self.queries[name](batch, query_index.get(name), device=device)  # (B, O_m, d_m)
             pad = self.padding[name].to(q.dtype).expand(*q.shape[:2], -1)
             out[name] = torch.cat([q, pad], dim=-1)  # (B, O_m, query_dim)
         return out
 
     def forward(self, latents: Tensor, query_index: Mapping[str, Tensor | None] | None = None) -> dict[str, Tensor]:
-        per_modality = self.build_queries(latents.shape[0], query_index)
+        per_modality = self.build_queries(latents.shape[0], query_index, latents.device)
         sizes = [per_modality[name].shape[1] for name in self.names]
         decoded = self.decoder(latents, torch.cat([per_modality[n] for n in self.names], dim=1))
         outputs = {}

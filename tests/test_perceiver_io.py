@@ -99,17 +99,33 @@ def test_flow_sized_decoding_is_chunked_and_memory_bounded():
     h, w, chunk = 368, 496, 4096
     queries = FourierQueries((h, w), 2, max_resolution=(h, w))
     decoder = PerceiverDecoder(8, queries.dim, 2, queries=queries, qk_dim=8, chunk_size=chunk).eval()
-    seen = []
+    seen, made = [], []
     decoder.block.register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[1]))
+    queries.register_forward_hook(lambda mod, args, out: made.append(out.shape[1]))
     latents = torch.randn(1, 4, 8)
     with torch.no_grad():
         out = decoder(latents)
     assert out.shape == (1, h * w, 2)
-    assert max(seen) == chunk and len(seen) == -(-h * w // chunk)
+    assert max(seen) == max(made) == chunk and len(seen) == len(made) == -(-h * w // chunk)
     idx = torch.tensor([0, 12345, h * w - 1])
     decoder.chunk_size = None
     with torch.no_grad():
         torch.testing.assert_close(decoder(latents, query_index=idx), out[:, idx], **TOL)
+
+
+def test_chunking_never_changes_positions_in_deepmind_mode():
+    """The DeepMind subsampling convention applies to query_index only, never to internal chunks."""
+    torch.manual_seed(0)
+    queries = FourierQueries((4, 6), 3, subsample_positions="deepmind")
+    decoder = PerceiverDecoder(16, queries.dim, 3, queries=queries).eval()
+    latents = torch.randn(2, 5, 16)
+    full = decoder(latents)
+    decoder.chunk_size = 5
+    torch.testing.assert_close(decoder(latents), full, **TOL)
+    idx = torch.tensor([2, 9, 23])
+    sub = decoder(latents, query_index=idx)
+    decoder.chunk_size = None
+    torch.testing.assert_close(decoder(latents, query_index=idx), sub, **TOL)
 
 
 def test_flow_decoder_reshapes_and_rescales():
@@ -157,6 +173,18 @@ def test_masked_lm_and_image_classifier_shapes_and_gradients():
         clf(torch.randn(2, 3, 6, 6), query_index=torch.tensor([0]))
 
 
+def test_masked_lm_right_padding_changes_nothing():
+    torch.manual_seed(0)
+    text = TextPreprocessor(262, 24, 32)
+    decoder = PerceiverDecoder(16, 24, None, queries=LearnedQueries(32, 24), heads=4, qk_dim=16)
+    mlm = PerceiverMaskedLM(text, PerceiverEncoderConfig(input_dim=24, **ENC), decoder).eval()
+    tokens = torch.randint(6, 262, (1, 9))
+    padded = torch.cat([tokens, torch.zeros(1, 4, dtype=torch.long)], dim=1)
+    mask = torch.arange(13)[None] < 9
+    idx = torch.arange(9)
+    torch.testing.assert_close(mlm(padded, mask, query_index=idx), mlm(tokens, query_index=idx), **TOL)
+
+
 def _multimodal():
     pre = MultimodalPreprocessor(
         {
@@ -202,6 +230,19 @@ def test_multimodal_autoencoder_outputs_per_modality_and_respects_masks():
         torch.testing.assert_close(a[key], b[key], **TOL)
     sub = model(inputs, query_index={"image": torch.tensor([3, 30])})
     torch.testing.assert_close(sub["image"], out["image"][:, [3, 30]], **TOL)
+
+
+def test_multimodal_gradients_reach_every_parameter_used():
+    torch.manual_seed(0)
+    model = _multimodal().train()
+    inputs = {"audio": torch.randn(2, 32), "image": torch.randn(2, 2, 3, 4, 4), "label": torch.eye(5)[:2]}
+    out = model(inputs)
+    sum(v.square().sum() for v in out.values()).backward()
+    for name, p in model.named_parameters():
+        if name == "preprocessor.padding.label":  # the label is always replaced by its mask token (p=1)
+            assert torch.all(p.grad == 0)
+            continue
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
 
 
 def test_decoder_errors_are_clear():
