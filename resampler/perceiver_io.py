@@ -33,6 +33,20 @@ __all__ = [
 ]
 
 
+def _check_widths(name: str, preprocessor: nn.Module | None, encoder: PerceiverEncoder, decoder: nn.Module) -> None:
+    """Preprocessor output == encoder input width; decoder latent width == encoder latent width."""
+    cfg = encoder.config
+    decoder_latent_dim = getattr(getattr(decoder, "decoder", decoder), "latent_dim", cfg.latent_dim)
+    if decoder_latent_dim != cfg.latent_dim:
+        raise ValueError(
+            f"{name}: decoder expects latents of width {decoder_latent_dim}, encoder gives {cfg.latent_dim}"
+        )
+    if preprocessor is not None and getattr(preprocessor, "out_dim", cfg.input_dim) != cfg.input_dim:
+        raise ValueError(
+            f"{name}: preprocessor gives {preprocessor.out_dim} channels, encoder input_dim is {cfg.input_dim}"
+        )
+
+
 def _encoder(encoder: PerceiverEncoder | PerceiverEncoderConfig, device, dtype) -> PerceiverEncoder:
     if isinstance(encoder, PerceiverEncoderConfig):
         return PerceiverEncoder(encoder, device=device, dtype=dtype)
@@ -69,19 +83,7 @@ class PerceiverIO(nn.Module):
         self.encoder = _encoder(encoder, device, dtype)
         self.decoder = decoder
         self.queries_from_inputs = queries_from_inputs
-        latent_dim = self.encoder.config.latent_dim
-        decoder_latent_dim = getattr(getattr(decoder, "decoder", decoder), "latent_dim", latent_dim)
-        if decoder_latent_dim != latent_dim:
-            raise ValueError(
-                f"PerceiverIO: decoder expects latents of width {decoder_latent_dim}, encoder gives {latent_dim}"
-            )
-        if preprocessor is not None and getattr(preprocessor, "out_dim", self.encoder.config.input_dim) != (
-            self.encoder.config.input_dim
-        ):
-            raise ValueError(
-                f"PerceiverIO: preprocessor gives {preprocessor.out_dim} channels, encoder input_dim is "
-                f"{self.encoder.config.input_dim}"
-            )
+        _check_widths("PerceiverIO", preprocessor, self.encoder, decoder)
 
     def encode(self, inputs, mask: Tensor | None = None) -> tuple[Tensor, Preprocessed]:
         """-> latents (B, N, D) and the preprocessed inputs (features, mask, ...)."""
@@ -136,6 +138,7 @@ class PerceiverOpticalFlow(nn.Module):
         self.preprocessor = preprocessor
         self.encoder = _encoder(encoder, None, None)
         self.decoder = decoder
+        _check_widths("PerceiverOpticalFlow", preprocessor, self.encoder, decoder)
 
     def forward(self, frames: Tensor, query_index: Tensor | None = None) -> Tensor:
         pre = self.preprocessor(frames)
@@ -157,6 +160,7 @@ class PerceiverMultimodalAutoencoder(nn.Module):
         self.preprocessor = preprocessor
         self.encoder = _encoder(encoder, None, None)
         self.decoder = decoder
+        _check_widths("PerceiverMultimodalAutoencoder", preprocessor, self.encoder, decoder)
 
     def forward(
         self,

@@ -134,6 +134,15 @@ def test_tiny_overfit():
     assert loss.item() < 0.1, loss.item()
 
 
+def test_config_yaml_round_trip(tmp_path):
+    from resampler.config import load_config, save_config
+
+    cfg = _config(cross_qk_dim=8, cross_sharing="none")
+    save_config(cfg, tmp_path / "perceiver.yaml")
+    assert load_config(PerceiverEncoderConfig, tmp_path / "perceiver.yaml") == cfg
+    assert load_config(PerceiverEncoderConfig, tmp_path / "perceiver.yaml", ["num_latents=3"]).num_latents == 3
+
+
 def test_bad_inputs_raise_clear_errors():
     enc = PerceiverEncoder(_config())
     with pytest.raises(ValueError, match=r"\(B, M, C=12\)"):
