@@ -362,13 +362,15 @@ class VisionLanguageModel(nn.Module):
         if isinstance(prompts, str):
             prompts = [prompts] * (len(counts) if counts is not None else max(n_images, 1))
         prompts = list(prompts)
-        if counts is None and not any(self.processor.image_token in p for p in prompts):
-            if n_images not in (0, len(prompts)):
+        if counts is None and n_images == len(prompts):
+            counts = [1] * len(prompts)  # one image per prompt, prepended where the prompt has no marker
+        elif counts is None and not any(self.processor.image_token in p for p in prompts):
+            if n_images:
                 raise ValueError(
                     f"got {n_images} images for {len(prompts)} prompts: give one image per prompt, one list of "
                     f"images per prompt, or put {self.processor.image_token!r} markers in the prompts"
                 )
-            counts = [n_images // len(prompts)] * len(prompts)
+            counts = [0] * len(prompts)
         batch = self.processor(prompts, num_images=counts, padding_side="left")
         input_ids = batch["input_ids"].to(self.projector_device)
         attention_mask = batch["attention_mask"].to(self.projector_device)
