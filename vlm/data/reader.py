@@ -36,6 +36,7 @@ import webdataset as wds
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
+from ..processor import IGNORE_INDEX
 from .config import DataConfig
 from .shards import IMAGE_EXTENSIONS, resolve_shards
 
@@ -52,7 +53,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 FEATURES_EXT = "features.npy"
-IGNORE_INDEX = -100
 
 
 class BadSample(Exception):
@@ -71,6 +71,7 @@ class CaptionBatch(dict):
     references: list[list[str]]
     meta: list[dict[str, Any]]
     pixels: np.ndarray | None  # (B, H, W, 3) uint8 when the loader keeps them (for sample grids)
+    raw: list[dict[str, bytes]] | None  # the stored tar members per sample, with keep_raw
     stats: tuple[int, dict[str, int], dict[str, int]] | None  # (worker, skipped, converted) so far
 
 
@@ -225,6 +226,7 @@ class CaptionDataset(torch.utils.data.IterableDataset):
         prompt: the text prompt of every example (with or without ``<image>``), for ``build_inputs``.
         train: False = evaluation order: no shuffling, no resampling, always the first caption.
         keep_pixels: also return the decoded images as ``batch.pixels`` (uint8) for sample grids.
+        keep_raw: also return each sample's stored members (bytes) as ``batch.raw`` (for re-sharding).
         rank, world_size: override the torch.distributed values (tests, custom launchers).
     """
 
@@ -238,6 +240,7 @@ class CaptionDataset(torch.utils.data.IterableDataset):
         prompt: str = "",
         train: bool = True,
         keep_pixels: bool = False,
+        keep_raw: bool = False,
         rank: int | None = None,
         world_size: int | None = None,
     ) -> None:
@@ -245,7 +248,8 @@ class CaptionDataset(torch.utils.data.IterableDataset):
         self.urls = resolve_shards(shards)
         self.config = config
         self.transform = transform if transform is not None or config.use_cached_features else build_transform(config)
-        self.text, self.prompt, self.train, self.keep_pixels = text, prompt, train, keep_pixels
+        self.text, self.prompt, self.train = text, prompt, train
+        self.keep_pixels, self.keep_raw = keep_pixels, keep_raw
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
 
@@ -334,6 +338,8 @@ class CaptionDataset(torch.utils.data.IterableDataset):
                 item["images"] = self.transform(image)
             if self.keep_pixels:
                 item["pixels"] = np.asarray(image.resize((cfg.image_size, cfg.image_size)), dtype=np.uint8)
+        if self.keep_raw:
+            item["raw"] = {k: v for k, v in sample.items() if not k.startswith("__")}
         if self.text is not None:
             item["text"] = _text_example(self.text, self.prompt, item["caption"], cfg.max_caption_tokens)
         return item
@@ -353,6 +359,7 @@ class CaptionDataset(torch.utils.data.IterableDataset):
         batch.references = [it["references"] for it in items]
         batch.meta = [it["meta"] for it in items]
         batch.pixels = np.stack([it["pixels"] for it in items]) if self.keep_pixels else None
+        batch.raw = [it["raw"] for it in items] if self.keep_raw else None
         batch.stats = stats
         return batch
 
