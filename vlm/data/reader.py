@@ -341,8 +341,18 @@ class CaptionDataset(torch.utils.data.IterableDataset):
         if self.keep_raw:
             item["raw"] = {k: v for k, v in sample.items() if not k.startswith("__")}
         if self.text is not None:
-            item["text"] = _text_example(self.text, self.prompt, item["caption"], cfg.max_caption_tokens)
+            item["text"] = self._tokenized(item["caption"])
         return item
+
+    def _tokenized(self, caption: str) -> dict[str, list[int]]:
+        """Tokenize through the processor, memoised per reader (captions repeat across images)."""
+        cache = self.__dict__.setdefault("_text_cache", {})
+        if caption not in cache:
+            if len(cache) >= 200_000:
+                cache.clear()
+            cache[caption] = _text_example(self.text, self.prompt, caption, self.config.max_caption_tokens)
+        example = cache[caption]
+        return {"input_ids": list(example["input_ids"]), "labels": list(example["labels"])}
 
     def _collate(self, items: list[dict[str, Any]], stats) -> CaptionBatch:
         batch = CaptionBatch()

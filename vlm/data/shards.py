@@ -93,7 +93,7 @@ def write_samples(
         post=publish,
         verbose=0,
         opener=opener,
-        mtime=0.0,  # reproducible bytes: the same samples give the same shard
+        mtime=0,  # reproducible bytes; an int (a float mtime adds a pax header per member, slower to read)
     )
     try:
         for sample in samples:
