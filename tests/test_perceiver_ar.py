@@ -6,6 +6,15 @@ import torch
 from resampler.perceiver_ar import PerceiverAR, PerceiverARCache, PerceiverARConfig
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: a second thread costs more than it saves, and thrashes on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _model(**overrides) -> PerceiverAR:
     base = {"vocab_size": 40, "max_seq_len": 64, "num_latents": 6, "dim": 32, "depth": 3, "heads": 4}
     base.update(overrides)
@@ -104,14 +113,14 @@ def test_tiny_overfit_mirrored_copy():
     model = PerceiverAR(PerceiverARConfig(vocab_size=10, max_seq_len=16, num_latents=8, dim=32, depth=2, heads=4))
     x = torch.randint(0, 10, (16, 8))
     seq = torch.cat([x, x.flip(1)], dim=1)  # (16, 16)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(150):
+    opt = torch.optim.Adam(model.parameters(), lr=5e-3)
+    for _ in range(80):
         logits = model(seq[:, :-1], num_latents=7)  # predict positions 9..15 from 8..14
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 10), seq[:, 9:].reshape(-1))
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert loss.item() < 0.5, loss.item()
+    assert loss.item() < 0.1, loss.item()  # chance: ln(10) = 2.3
 
 
 def test_bad_inputs_and_configs_raise_clear_errors():
