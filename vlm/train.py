@@ -68,6 +68,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     device: str = "auto"  # auto: cuda:<local rank> when available, else cpu
     checkpoint_every: int = 0  # optimizer steps between checkpoints; 0: only the final one
+    max_bad_steps: int = 5  # non-finite loss/gradient steps in a row (each skipped) before the run stops
     keep_checkpoints: int = 2
     resume: bool = True  # continue from the latest checkpoint in the output directory, if any
     log_every: int = 10
@@ -76,7 +77,7 @@ class TrainConfig:
     plot: bool = True  # loss-curve PNG at the end
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "grad_accum_steps", "log_every", "keep_checkpoints"):
+        for name in ("max_steps", "grad_accum_steps", "log_every", "keep_checkpoints", "max_bad_steps"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"train.{name} must be positive, got {getattr(self, name)}")
         for name in ("warmup_steps", "checkpoint_every"):
@@ -98,6 +99,7 @@ class TrainResult:
     output_dir: Path
     metrics_csv: Path
     history: list[dict[str, float]] = field(default_factory=list)
+    skipped_steps: int = 0  # optimizer steps skipped in this call for a non-finite loss or gradient
 
 
 # ----------------------------------------------------------------------------------------------
@@ -155,21 +157,39 @@ def train(
     model.train()
     losses: list[float] = []
     step = start_step
+    skipped, bad_in_row = 0, 0
     tick = time.perf_counter()
     while step < end_step:
-        step_loss, samples = 0.0, 0
+        step_loss, samples, bad = 0.0, 0, False
         for _ in range(config.grad_accum_steps):
             batch = _to_device(next(stream), device)
             with _autocast(device, config.precision):
                 loss = model(**batch).loss
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"train: non-finite loss {loss.item()} at step {step + 1}")
+            if bad or not torch.isfinite(loss):  # keep consuming the step's micro-batches, skip their backward
+                bad = True
+                continue
             scaler.scale(loss / config.grad_accum_steps).backward()
             step_loss += loss.item() / config.grad_accum_steps
             samples += _batch_size(batch)
-        _average_gradients(trainable.values(), world)
-        scaler.unscale_(optimizer)
-        grad_norm = _clip(trainable.values(), config.max_grad_norm)
+        skip, grad_norm = _any_rank(bad, world), math.nan
+        if not skip:
+            _average_gradients(trainable.values(), world)
+            scaler.unscale_(optimizer)
+            grad_norm = _clip(trainable.values(), config.max_grad_norm)
+            skip = not math.isfinite(grad_norm) and not scaler.is_enabled()  # fp16: the scaler skips, rescales
+        if skip:
+            optimizer.zero_grad(set_to_none=True)
+            skipped, bad_in_row = skipped + 1, bad_in_row + 1
+            _warn(f"train: skipped step {step + 1}: non-finite loss or gradient ({bad_in_row} in a row)")
+            if bad_in_row >= config.max_bad_steps:
+                path = save_checkpoint(out, step, trainable, optimizer, scheduler, scaler, stream, config, run_config)
+                raise FloatingPointError(
+                    f"train: {bad_in_row} optimizer steps in a row had a non-finite loss or gradient "
+                    f"(train.max_bad_steps={config.max_bad_steps}); stopped after step {step}. The last good state "
+                    f"is saved in {path or out / CHECKPOINT_DIR}. Lower train.lr, check the data, or use fp32."
+                )
+            continue
+        bad_in_row = 0
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -188,7 +208,22 @@ def train(
     if progress is not None:
         progress.close()
     logger.close(plot=config.plot and step == config.max_steps)
-    return TrainResult(step, losses, start_step, out, out / "metrics.csv", logger.rows)
+    return TrainResult(step, losses, start_step, out, out / "metrics.csv", logger.rows, skipped)
+
+
+def _any_rank(flag: bool, world: int) -> bool:
+    """True on every rank when ``flag`` is True on any: all ranks skip a step together."""
+    if world == 1:
+        return flag
+    t = torch.tensor([float(flag)])
+    dist.all_reduce(t)
+    return bool(t.item() > 0)
+
+
+def _warn(message: str) -> None:
+    import warnings
+
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def _clip(params: Iterable[Tensor], max_norm: float | None) -> float:
@@ -365,8 +400,10 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     root = Path(output_dir) / CHECKPOINT_DIR
     pointer = root / "latest"
     if pointer.is_file():
-        path = root / pointer.read_text().strip()
-        if (path / "state.json").is_file():
+        name = pointer.read_text().strip()
+        path = root / name
+        # only a step_* directory right under checkpoints/: a crafted pointer cannot lead elsewhere
+        if name.startswith("step_") and Path(name).name == name and (path / "state.json").is_file():
             return path
     done = sorted(p for p in root.glob("step_*") if (p / "state.json").is_file())
     return done[-1] if done else None
@@ -438,12 +475,12 @@ def _load_checkpoint(path: Path, trainable, optimizer, scheduler, scaler, stream
     with torch.no_grad():
         for name, p in trainable.items():
             p.copy_(weights[name].to(p.device, p.dtype))
-    opt = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
+    opt = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(opt["optimizer"])
     scheduler.load_state_dict(opt["scheduler"])
     scaler.load_state_dict(opt["scaler"])
     stream.load_state_dict(state["data"][_rank()])
-    _set_rng_state(torch.load(path / "rng.pt", weights_only=False)[_rank()])
+    _set_rng_state(torch.load(path / "rng.pt", map_location="cpu", weights_only=True)[_rank()])
     return int(state["step"])
 
 
@@ -463,7 +500,10 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator's state as tensors, ints and tuples only, so it loads with ``weights_only=True``."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss))
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -471,7 +511,8 @@ def _rng_state() -> dict[str, Any]:
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -487,11 +528,20 @@ def set_seed(seed: int) -> None:
 # Distributed
 
 
-def init_distributed() -> tuple[int, int]:
-    """Join the process group torchrun set up (gloo on CPU, nccl on GPU); (rank, world); (0, 1) alone."""
+def init_distributed(timeout_s: float | None = None) -> tuple[int, int]:
+    """Join the process group torchrun set up (gloo on CPU, nccl on GPU); (rank, world); (0, 1) alone.
+
+    ``timeout_s`` (default: env ``PVLM_DIST_TIMEOUT`` or torch's default) bounds every collective: when
+    another process dies or hangs, this one raises instead of waiting forever.
+    """
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        from datetime import timedelta
+
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
+        timeout_s = timeout_s if timeout_s is not None else float(os.environ.get("PVLM_DIST_TIMEOUT", "0")) or None
+        if timeout_s is not None and timeout_s <= 0:
+            raise ValueError(f"init_distributed: timeout_s must be positive, got {timeout_s}")
+        dist.init_process_group(backend, timeout=None if timeout_s is None else timedelta(seconds=timeout_s))
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     return _rank(), _world()
