@@ -20,8 +20,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import braceexpand
 import webdataset as wds
+from webdataset.shardlists import expand_urls
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -251,7 +251,7 @@ def resolve_shards(spec: str | list[str]) -> list[str]:
         elif any(ch in part for ch in "*?["):
             urls += sorted(glob.glob(part))
         else:
-            urls += list(braceexpand.braceexpand(part))
+            urls += expand_urls(part)  # brace patterns
     if not urls:
         raise ValueError(f"no shards match {spec!r}: expected a brace pattern, glob, directory or list of .tar files")
     return urls
