@@ -1,13 +1,23 @@
 """The Flamingo Perceiver Resampler (Alayrac et al., 2022): any number of patches -> N latents.
 
-Each layer is a shared `CrossAttentionBlock` whose keys/values are ``cat(norm(media),
-norm(latents))``: latents attend to the media and to themselves. Media items (T) and frames (F)
-are batch-like for the attention: every media item is resampled on its own.
+Each layer is a shared `CrossAttentionBlock(kv_includes_queries=True)`: keys/values are
+``cat(norm_kv(media), norm_q(latents))`` (context first, then latents), so latents attend to the
+media and to themselves. Media items (T) are batch-like: every media item is resampled on its own;
+its frames (F) are flattened into one sequence of F*P patches.
+
+Speed (same math as calling each block, checked by a test):
+- the media are normalised once, without the norm's affine: ``(x - mean) / std`` is the same in every
+  layer, only each layer's weight/bias differ;
+- each layer's norm affine is folded into its key/value weights, ``to_kv(x̂·w + b) = x̂ (W·w)ᵀ + W b``,
+  so the media projection needs no input gradient (only the weight gradient) when the media are
+  frozen features: the biggest matrix product of the backward pass disappears;
+- absent media (``media_mask`` False) are not computed at all.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .blocks import CrossAttentionBlock, make_norm
@@ -61,8 +71,14 @@ class PerceiverResampler(nn.Module):
         for name, value in [("dim", dim), ("depth", depth), ("num_latents", num_latents)]:
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"PerceiverResampler: {name} must be a positive int, got {value!r}")
-        if out_dim is not None and out_dim <= 0:
-            raise ValueError(f"PerceiverResampler: out_dim must be positive, got {out_dim}")
+        for name, value in [
+            ("out_dim", out_dim),
+            ("max_frames", max_frames),
+            ("max_media", max_media),
+            ("num_patch_positions", num_patch_positions),
+        ]:
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise ValueError(f"PerceiverResampler: {name} must be None or a positive int, got {value!r}")
         factory = {"device": device, "dtype": dtype}
         self.dim, self.depth, self.num_latents = dim, depth, num_latents
         self.latents = nn.Parameter(torch.randn(num_latents, dim, **factory) * latent_init_std)
@@ -104,47 +120,63 @@ class PerceiverResampler(nn.Module):
         Args:
             x: (B, P, D), (B, T, P, D) or (B, T, F, P, D).
             mask: boolean patch mask, True = real patch; same leading shape as ``x`` without D.
-            media_mask: (B, T) boolean, True = a real media item; outputs of absent media are zero.
+                A media item with every patch masked still gets a defined output (latents only).
+            media_mask: (B, T) boolean, True = a real media item; absent media are skipped and
+                their outputs are exactly zero.
 
         Returns:
             (B, T, num_latents, out_dim) (T = 1 for 3-D input).
         """
         x5, mask5 = self._as_5d(x, mask)
         b, t, f, p, d = x5.shape
-        if self.frame_embeddings is not None:
-            if f > self.frame_embeddings.shape[0]:
-                raise ValueError(f"PerceiverResampler: got {f} frames, max_frames is {self.frame_embeddings.shape[0]}")
-            x5 = x5 + self.frame_embeddings[:f, None, :]  # (F, 1, D)
-        if self.media_time_embeddings is not None:
-            if t > self.media_time_embeddings.shape[0]:
-                raise ValueError(
-                    f"PerceiverResampler: got {t} media, max_media is {self.media_time_embeddings.shape[0]}"
-                )
-            x5 = x5 + self.media_time_embeddings[:t, None, None, :]  # (T, 1, 1, D)
+        x5 = self._add_embeddings(x5)
+        media = x5.reshape(b * t, f * p, d)  # (B*T, F*P, D): each media item resampled alone
+        flat_mask = None if mask5 is None else mask5.reshape(b * t, f * p)  # (B*T, F*P)
+        if media_mask is None:
+            return self._resample(media, flat_mask).view(b, t, self.num_latents, self.out_dim)
+        if not isinstance(media_mask, Tensor) or media_mask.dtype != torch.bool or media_mask.shape != (b, t):
+            got = f"{media_mask.dtype} {tuple(media_mask.shape)}" if isinstance(media_mask, Tensor) else media_mask
+            raise ValueError(f"PerceiverResampler: media_mask must be boolean of shape (B, T)=({b}, {t}), got {got}")
+        present = media_mask.reshape(b * t).to(media.device)  # (B*T,)
+        out = media.new_zeros(b * t, self.num_latents, self.out_dim)
+        if bool(present.any()):
+            sub_mask = None if flat_mask is None else flat_mask[present]
+            out = out.index_put((present,), self._resample(media[present], sub_mask))
+        return out.view(b, t, self.num_latents, self.out_dim)
+
+    def _resample(self, media: Tensor, mask: Tensor | None) -> Tensor:
+        """media (M, S, D), mask (M, S) or None -> (M, num_latents, out_dim)."""
+        m = media.shape[0]
+        # Every layer normalises the media the same way; only the affine differs, and is folded.
+        media_hat = _normalize_without_affine(self.layers[0].norm_kv, media)  # (M, S, D)
+        if mask is not None:  # latents always see each other: append their keys as attendable
+            mask = torch.cat([mask, mask.new_ones(m, self.num_latents)], dim=-1)  # (M, S + N)
+        latents = self.latents.expand(m, -1, -1)  # (M, N, D)
+        for layer in self.layers:
+            latents = _resampler_layer(layer, latents, media_hat, mask)
+        out = self.norm(latents)
+        return out if self.proj is None else self.proj(out)
+
+    def _add_embeddings(self, x5: Tensor) -> Tensor:
+        _, t, f, p, _ = x5.shape
+        for table, count, what, view in [
+            (self.frame_embeddings, f, "frames", lambda e: e[:, None, :]),  # (F, 1, D)
+            (self.media_time_embeddings, t, "media", lambda e: e[:, None, None, :]),  # (T, 1, 1, D)
+        ]:
+            if table is not None:
+                if count > table.shape[0]:
+                    raise ValueError(
+                        f"PerceiverResampler: got {count} {what}, the embedding table has {table.shape[0]}"
+                    )
+                x5 = x5 + view(table[:count])
         if self.patch_position_embeddings is not None:
             if p != self.patch_position_embeddings.shape[0]:
                 raise ValueError(
                     f"PerceiverResampler: got {p} patches, num_patch_positions is "
                     f"{self.patch_position_embeddings.shape[0]}"
                 )
-            x5 = x5 + self.patch_position_embeddings
-        media = x5.reshape(b * t, f * p, d)  # (B*T, F*P, D): each media item resampled alone
-        flat_mask = None if mask5 is None else mask5.reshape(b * t, f * p)
-        latents = self.latents.expand(b * t, -1, -1)  # (B*T, N, D)
-        for layer in self.layers:
-            latents = layer(latents, media, flat_mask)
-        out = self.norm(latents)
-        if self.proj is not None:
-            out = self.proj(out)
-        out = out.view(b, t, self.num_latents, self.out_dim)
-        if media_mask is not None:
-            if media_mask.shape != (b, t) or media_mask.dtype != torch.bool:
-                raise ValueError(
-                    f"PerceiverResampler: media_mask must be boolean of shape (B, T)=({b}, {t}), "
-                    f"got {media_mask.dtype} {tuple(media_mask.shape)}"
-                )
-            out = out * media_mask[:, :, None, None].to(out.dtype)
-        return out
+            x5 = x5 + self.patch_position_embeddings  # (P, D)
+        return x5
 
     def _as_5d(self, x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
         if not isinstance(x, Tensor):
@@ -156,13 +188,49 @@ class PerceiverResampler(nn.Module):
                 f"PerceiverResampler: x must be (B, P, D), (B, T, P, D) or (B, T, F, P, D) with "
                 f"D={self.dim}, got {tuple(x.shape)}"
             )
-        if mask is not None and (mask.dtype != torch.bool or mask.shape != x.shape[:-1]):
+        if x.shape[-2] == 0:
+            raise ValueError(f"PerceiverResampler: x has no patches (P=0), got {tuple(x.shape)}")
+        if mask is not None and (
+            not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.shape != x.shape[:-1]
+        ):
+            got = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, Tensor) else type(mask).__name__
             raise ValueError(
-                f"PerceiverResampler: mask must be boolean of shape {tuple(x.shape[:-1])} "
-                f"(x's shape without D), got {mask.dtype} {tuple(mask.shape)}"
+                f"PerceiverResampler: mask must be boolean of shape {tuple(x.shape[:-1])} (x's shape without D), got {got}"
             )
         if x.dim() == 3:
-            x, mask = x[:, None, None], None if mask is None else mask[:, None, None]
+            x, mask = x[:, None, None], None if mask is None else mask[:, None, None]  # (B, 1, 1, P, D)
         elif x.dim() == 4:
-            x, mask = x[:, :, None], None if mask is None else mask[:, :, None]
+            x, mask = x[:, :, None], None if mask is None else mask[:, :, None]  # (B, T, 1, P, D)
         return x, mask
+
+
+def _resampler_layer(layer: CrossAttentionBlock, latents: Tensor, media_hat: Tensor, mask: Tensor | None) -> Tensor:
+    """``layer(latents, media, mask)`` for a kv_includes_queries block, given the affine-free normed media."""
+    q = layer.norm_q(latents)
+    latents = latents + layer.attn(q, q, mask, prefix_kv=_media_kv(layer, media_hat))
+    return latents + layer.ff(layer.norm_ff(latents))
+
+
+def _normalize_without_affine(norm: nn.Module, x: Tensor) -> Tensor:
+    """``norm``'s normalisation (LayerNorm or RMSNorm) of x, without its weight and bias."""
+    if isinstance(norm, nn.LayerNorm):
+        return F.layer_norm(x, norm.normalized_shape, eps=norm.eps)
+    if isinstance(norm, nn.RMSNorm):
+        return F.rms_norm(x, norm.normalized_shape, eps=norm.eps)
+    raise TypeError(f"PerceiverResampler: unsupported norm {type(norm).__name__}")
+
+
+def _media_kv(layer: CrossAttentionBlock, media_hat: Tensor) -> tuple[Tensor, Tensor]:
+    """Keys/values of ``norm_kv(media)`` with the norm's affine folded into ``to_kv``.
+
+    ``to_kv(x̂·w + b) = x̂ (W·w)ᵀ + (W b + c)``: the product's input x̂ carries no gradient when the
+    media are frozen, so autograd computes only the weight gradient of this, the largest, product.
+    """
+    norm, proj = layer.norm_kv, layer.attn.to_kv
+    weight = proj.weight if norm.weight is None else proj.weight * norm.weight  # (Hkv*(dh+dv), D)
+    bias = proj.bias
+    norm_bias = getattr(norm, "bias", None)
+    if norm_bias is not None:
+        shift = F.linear(norm_bias, proj.weight)  # W b: (Hkv*(dh+dv),)
+        bias = shift if bias is None else bias + shift
+    return layer.attn.split_kv(F.linear(media_hat, weight, bias))

@@ -1,5 +1,7 @@
 """Weight converters from outside implementations; each one is proven by a parity test."""
 
+from .flamingo import from_flamingo_pytorch
 from .hf_perceiver import from_hf_perceiver
+from .idefics2 import from_idefics2
 
-__all__ = ["from_hf_perceiver"]
+__all__ = ["from_flamingo_pytorch", "from_idefics2", "from_hf_perceiver"]

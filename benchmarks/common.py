@@ -1,0 +1,85 @@
+"""Small timing helpers shared by the benchmarks: median wall time, peak memory, this machine's GEMM rate.
+
+Every benchmark compares peers side by side in ONE process run (the machine is shared, so absolute
+numbers drift; ratios measured in the same run are what we report).
+
+    median_ms(fn, warmup=2, repeats=5)   -> (median ms, list of all ms)
+    peak_memory_mb(fn)                   -> peak bytes allocated during fn, in MiB (CPU: torch profiler)
+    gemm_flops(n=2048, repeats=5)        -> measured fp32 FLOP/s of a square torch.mm (the ceiling)
+    interleaved_ms({name: fn}, ...)      -> {name: median ms}, runs the peers round-robin so drift hits all
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+__all__ = ["median_ms", "interleaved_ms", "peak_memory_mb", "gemm_flops", "spread"]
+
+
+def _time_once(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+def median_ms(fn: Callable[[], object], warmup: int = 2, repeats: int = 5) -> tuple[float, list[float]]:
+    """Median wall-clock milliseconds of ``fn()`` after ``warmup`` untimed calls, and all samples."""
+    for _ in range(warmup):
+        fn()
+    samples = [_time_once(fn) for _ in range(repeats)]
+    return statistics.median(samples), samples
+
+
+def interleaved_ms(
+    fns: dict[str, Callable[[], object]], warmup: int = 2, repeats: int = 5
+) -> dict[str, tuple[float, list[float]]]:
+    """Median ms of each function, timed round-robin (A B C A B C ...) so load changes hit every peer."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            samples[name].append(_time_once(fn))
+    return {name: (statistics.median(s), s) for name, s in samples.items()}
+
+
+def spread(samples: list[float]) -> float:
+    """(max - min) / median of the samples: how noisy a measurement was."""
+    med = statistics.median(samples)
+    return (max(samples) - min(samples)) / med if med else 0.0
+
+
+def peak_memory_mb(fn: Callable[[], object]) -> float:
+    """Peak memory allocated by torch while ``fn()`` runs, in MiB (CUDA allocator stats or CPU profiler)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        return torch.cuda.max_memory_allocated() / 2**20
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    # Replay allocation events in time order; the running sum's maximum is the peak over fn's lifetime.
+    # Allocations are charged to the op that made them (its *self* memory); only frees appear as
+    # "[memory]" events, so counting those alone always gave 0.
+    events = sorted(
+        (e for e in prof.events() if e.self_cpu_memory_usage != 0),
+        key=lambda e: e.time_range.start,
+    )
+    current = peak = 0
+    for e in events:
+        current += e.self_cpu_memory_usage
+        peak = max(peak, current)
+    return peak / 2**20
+
+
+def gemm_flops(n: int = 2048, repeats: int = 5) -> float:
+    """Measured fp32 FLOP/s of an (n x n) @ (n x n) torch.mm on this machine: 2 n^3 per product."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    ms, _ = median_ms(lambda: torch.mm(a, b), warmup=2, repeats=repeats)
+    return 2 * n**3 / (ms / 1e3)
