@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -259,3 +260,14 @@ def test_config_errors_name_the_field():
         DataConfig(batch_size=0)
     with pytest.raises(ValueError, match="DataConfig.num_workers"):
         DataConfig(num_workers=-1)
+
+
+def test_truncated_and_missing_shards_are_counted_not_fatal(tmp_path):
+    summary = write_samples([_good(i) for i in range(9)], tmp_path, samples_per_shard=3)
+    first, second, third = summary.shards
+    data = Path(second).read_bytes()
+    Path(second).write_bytes(data[: len(data) // 2 + 100])  # cut mid-member
+    loader = CaptionLoader([first, second, third, str(tmp_path / "gone.tar")], _config())
+    keys = _keys(loader)
+    assert {f"good{i:02d}" for i in (0, 1, 2, 6, 7, 8)} <= set(keys) and len(keys) < 9
+    assert loader.bad_samples["broken_tar"] == 1 and loader.bad_samples["truncated_shard"] == 1

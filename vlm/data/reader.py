@@ -12,7 +12,8 @@ starves. Everything random (shard order, sample buffer, caption choice, resampli
 ``(seed, epoch, rank, worker)``: the same epoch gives the same batches, which is what resume relies on.
 
 Bad samples (0-byte, corrupt or truncated images, decompression bombs, missing or non-UTF-8 captions,
-unreadable features, broken tar members) are skipped and counted by reason, never fatal; images in
+unreadable features, broken tar members) are skipped and counted by reason, never fatal (missing or
+unreadable shards count as ``broken_tar``, cut ones as ``truncated_shard``); images in
 other modes (grayscale, RGBA, palette, CMYK, 16-bit) are converted to RGB and counted as converted.
 ``loader.bad_samples`` / ``loader.converted`` hold the counts (summed over workers) and a summary is
 logged at the end of every pass.
@@ -23,6 +24,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import random
 import warnings
 from collections import Counter
@@ -289,8 +291,16 @@ class CaptionDataset(torch.utils.data.IterableDataset):
             log.warning("skipping unreadable shard data: %s", err)
             return True  # keep going
 
+        def checked(stream: Iterator[dict[str, str]]) -> Iterator[dict[str, str]]:
+            for shard in stream:
+                # Python's tarfile ends a cut archive quietly; a size off the 512-byte grid gives it away.
+                if os.path.isfile(shard["url"]) and os.path.getsize(shard["url"]) % 512:
+                    skipped["truncated_shard"] += 1
+                    log.warning("shard %s is truncated; reading the samples before the cut", shard["url"])
+                yield shard
+
         shard_stream, split_samples = self._shard_stream(slot, slots, rng)
-        samples: Iterator[dict[str, Any]] = wds.tarfile_to_samples(handler=tar_error)(shard_stream)
+        samples: Iterator[dict[str, Any]] = wds.tarfile_to_samples(handler=tar_error)(checked(shard_stream))
         if split_samples:
             samples = (s for i, s in enumerate(samples) if i % slots == slot)
         if cfg.sample_shuffle > 1 and self.train:
