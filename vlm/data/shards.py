@@ -124,6 +124,12 @@ def write_samples(
     return summary
 
 
+def _inside(root: Path, path: Path) -> bool:
+    """Whether ``path`` (symlinks followed) lies under ``root``: names from a captions file or a
+    crawl never lead the writer to read files elsewhere (``../``, absolute paths, outward symlinks)."""
+    return path.resolve().is_relative_to(root.resolve())
+
+
 def _image_ext(path: Path) -> str:
     ext = path.suffix.lower().lstrip(".")
     return "jpg" if ext == "jpeg" else "tiff" if ext == "tif" else ext
@@ -174,6 +180,9 @@ def shards_from_folder(
     def samples() -> Iterator[dict[str, Any]]:
         for name, captions in table.items():
             path = image_dir / name
+            if not _inside(image_dir, path):
+                skipped["unsafe_path"] += 1
+                continue
             if not path.is_file():
                 skipped["missing_image"] += 1
                 continue
@@ -226,6 +235,9 @@ def shards_from_img2dataset(
 
     def samples() -> Iterator[dict[str, Any]]:
         for path in images:
+            if not _inside(src_dir, path):
+                skipped["unsafe_path"] += 1
+                continue
             found = _img2dataset_captions(path.with_suffix(""), skipped)
             if found is None:
                 continue
