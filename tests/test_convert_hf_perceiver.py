@@ -222,6 +222,19 @@ def test_optical_flow_parity_and_chunked_decoding():
         torch.testing.assert_close(ours(frames, query_index=idx), want.reshape(2, -1, 2)[:, idx], **TOL)
 
 
+@pytest.mark.slow
+def test_optical_flow_parity_at_sintel_size():
+    """Every pixel of a 368x496 frame (182,528 queries), decoded in chunks, equals HF's one-shot decode."""
+    torch.manual_seed(0)
+    config = _config(num_latents=8, num_self_attends_per_block=1, train_size=[368, 496])
+    hf = transformers.PerceiverForOpticalFlow(config).eval()
+    ours = from_hf_perceiver(hf)
+    assert ours.decoder.decoder.chunk_size == 16384
+    frames = torch.randn(1, 2, 27, 368, 496)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(frames), hf(inputs=frames).logits, **TOL)
+
+
 def test_multimodal_autoencoding_parity():
     torch.manual_seed(0)
     config = _config(

@@ -25,8 +25,6 @@ outputs here, whereas HF averages over the padding.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
@@ -405,9 +403,8 @@ def _convert_optical_flow(hf) -> PerceiverOpticalFlow:
     flow = FlowDecoder(
         basic.latent_dim, basic.query_dim, out_channels=basic.out_dim, rescale_factor=hf_flow.rescale_factor
     )
+    basic.chunk_size = flow.decoder.chunk_size  # decode pixels in chunks: exact, bounded memory
     flow.decoder = basic
-    if tuple(hf_flow.output_image_shape) and math.prod(hf_flow.output_image_shape) <= 0:
-        raise ValueError("from_hf_perceiver: invalid flow output shape")
     return PerceiverOpticalFlow(pre, _convert_encoder(p), flow)
 
 
