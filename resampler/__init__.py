@@ -23,6 +23,15 @@ from .position import (
     fourier_features,
     linear_positions,
 )
+from .preprocessors import (
+    AudioPreprocessor,
+    ImagePreprocessor,
+    MultimodalPreprocessor,
+    OneHotPreprocessor,
+    PointCloudPreprocessor,
+    TextPreprocessor,
+)
+from .tokenizer import ByteTokenizer
 
 __version__ = "0.1.0"
 
@@ -52,6 +61,13 @@ __all__ = [
     "PerceiverMultimodalAutoencoder",
     "PerceiverARConfig",
     "PerceiverAR",
+    "ImagePreprocessor",
+    "AudioPreprocessor",
+    "TextPreprocessor",
+    "PointCloudPreprocessor",
+    "OneHotPreprocessor",
+    "MultimodalPreprocessor",
+    "ByteTokenizer",
     "FourierPositionEncoding",
     "LearnedPositionEncoding",
     "fourier_feature_dim",

@@ -144,6 +144,8 @@ class PerceiverAR(nn.Module):
         cache: PerceiverARCache | None = None,
     ) -> Tensor:
         self._check(tokens, mask)
+        if cache is not None and mask is not None:
+            raise ValueError("PerceiverAR: a cache needs unpadded sequences (mask=None); positions would disagree")
         b, length = tokens.shape
         n = min(self.config.num_latents if num_latents is None else num_latents, length)
         if n <= 0:

@@ -135,6 +135,8 @@ def test_bad_inputs_and_configs_raise_clear_errors():
         model(torch.zeros(1, 65, dtype=torch.long))
     with pytest.raises(ValueError, match="exceeds max_seq_len=64"):
         model.generate(torch.zeros(1, 60, dtype=torch.long), 5)
+    with pytest.raises(ValueError, match="a cache needs unpadded sequences"):
+        model(torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 3, dtype=torch.bool), cache=PerceiverARCache(3))
     with pytest.raises(ValueError, match="num_latents=70 must be <= max_seq_len=64"):
         PerceiverARConfig(max_seq_len=64, num_latents=70)
     with pytest.raises(ValueError, match="divisible by heads"):
