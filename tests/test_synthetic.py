@@ -109,6 +109,8 @@ def test_parse_caption_handles_partial_and_wrong_captions():
 def test_config_rejects_bad_fields():
     with pytest.raises(ValueError, match="holdout"):
         SyntheticConfig(holdout=("pink/circle",))
+    with pytest.raises(ValueError, match="unknown: \\['hexagon', 'pink'\\]"):
+        SyntheticConfig(shapes=("circle", "hexagon"), colours=("red", "pink"), holdout=())
     with pytest.raises(ValueError, match="size_fractions"):
         SyntheticConfig(size_fractions=(0.2,))
     with pytest.raises(ValueError, match="split"):

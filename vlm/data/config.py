@@ -77,6 +77,15 @@ class SyntheticConfig:
             )
         if any(w < 0 for w in self.object_count_weights) or sum(self.object_count_weights) <= 0:
             raise ValueError(f"SyntheticConfig.object_count_weights must be >= 0, got {self.object_count_weights}")
+        from .synthetic import COLOUR_RGB, SHAPES  # late import: synthetic imports this module
+
+        unknown_shapes = set(self.shapes) - set(SHAPES)
+        unknown_colours = set(self.colours) - set(COLOUR_RGB)
+        if unknown_shapes or unknown_colours or len(set(self.shapes)) < len(self.shapes):
+            raise ValueError(
+                f"SyntheticConfig.shapes must be distinct names from {list(SHAPES)} and colours from "
+                f"{list(COLOUR_RGB)}; unknown: {sorted(unknown_shapes | unknown_colours)}"
+            )
         for pair in self.holdout:
             colour, _, shape = pair.partition("/")
             if colour not in self.colours or shape not in self.shapes:

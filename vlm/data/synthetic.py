@@ -30,6 +30,7 @@ __all__ = [
     "POSITIONS",
     "POSITION_PHRASES",
     "SPLITS",
+    "SHAPES",
     "SceneObject",
     "Scene",
     "generate_scene",
@@ -41,6 +42,7 @@ __all__ = [
 ]
 
 SPLITS = ("train", "val", "test", "compositional")
+SHAPES = ("circle", "square", "triangle", "cross", "diamond")
 COLOUR_RGB = {
     "red": (225, 35, 35),
     "green": (40, 185, 60),
@@ -164,7 +166,7 @@ def render_scene(objects: list[SceneObject], config: SyntheticConfig, rng: np.ra
         elif points is not None:
             draw.polygon(points, fill=fill)
         else:
-            raise ValueError(f"unknown shape {obj.shape!r}; known: circle, square, triangle, cross, diamond")
+            raise ValueError(f"unknown shape {obj.shape!r}; known: {list(SHAPES)}")
     image = canvas.resize((config.image_size, config.image_size), Image.BOX)  # area average of the supersampled canvas
     if config.noise > 0:
         pixels = np.asarray(image, dtype=np.float32) + rng.normal(0, config.noise, size=(*image.size[::-1], 3))
