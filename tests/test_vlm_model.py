@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from vlm import IGNORE_INDEX, VisionConfig, VisionLanguageModel
+from vlm import IGNORE_INDEX, InjectionConfig, VisionConfig, VisionLanguageModel
 from vlm.testing import tiny_clip, tiny_images, tiny_lm, tiny_parts, tiny_tokenizer, tiny_vlm, tiny_vlm_config
 from vlm.vision import VisionTower
 
@@ -217,3 +217,36 @@ def test_prompt_longer_than_context_and_widths_that_do_not_fit():
     vision, _, lm, tok = tiny_parts("llama")
     with pytest.raises(ValueError, match="vision tower's width is 48"):
         VisionLanguageModel.from_parts(vision, lm, tok, config, resampler=PerceiverResampler(64, 1, 8))
+
+
+@pytest.mark.parametrize("mode", ["prefix", "cross_attention"])
+def test_gradient_checkpointing_gives_the_same_loss_and_grads(mode):
+    results = []
+    for checkpointing in (False, True):
+        vision, _, lm, tok = tiny_parts("qwen3")
+        injection = InjectionConfig(mode=mode, every_k_layers=1, xattn_heads=2, xattn_head_dim=8)
+        config = tiny_vlm_config("qwen3", injection=injection)
+        config.lm.gradient_checkpointing = checkpointing
+        torch.manual_seed(1)
+        model = _perturb(VisionLanguageModel.from_parts(vision, lm, tok, config)).train()
+        assert model.language_model.is_gradient_checkpointing == checkpointing
+        batch = model.processor(["Caption:"], captions=["a red circle"], num_images=1)
+        loss = model(images=tiny_images(1), **batch).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=0)
+    assert results[0][1].keys() == results[1][1].keys()
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, rtol=1e-5, atol=1e-6)
+
+
+def test_bfloat16_lm_with_fp32_connector():
+    vision, _, lm, tok = tiny_parts("llama")
+    model = VisionLanguageModel.from_parts(vision, lm.to(torch.bfloat16), tok, tiny_vlm_config("llama"))
+    assert next(model.resampler.parameters()).dtype == torch.float32
+    batch = model.processor(["Caption:"], captions=["a red circle"], num_images=1)
+    out = model(images=tiny_images(1), **batch)
+    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert model.projector[0].weight.grad.dtype == torch.float32
+    assert torch.isfinite(model.projector[0].weight.grad).all()
