@@ -55,8 +55,18 @@ class VLMProcessor:
             raise ValueError(f"text pieces must not contain the image token {self.image_token!r}")
         return ids
 
-    def build_inputs(self, prompt: str = "", caption: str | None = None, num_images: int | None = None) -> dict:
-        """One example -> ``{"input_ids": [...], "labels": [...]}`` (lists of ints, unpadded)."""
+    def build_inputs(
+        self,
+        prompt: str = "",
+        caption: str | None = None,
+        num_images: int | None = None,
+        max_caption_tokens: int | None = None,
+    ) -> dict:
+        """One example -> ``{"input_ids": [...], "labels": [...]}`` (lists of ints, unpadded).
+
+        ``max_caption_tokens`` cuts the caption's tokens (eos included) before the context-length check,
+        so an overlong web caption is truncated instead of rejected.
+        """
         if not isinstance(prompt, str):
             raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
         count = prompt.count(self.image_token)
@@ -74,7 +84,7 @@ class VLMProcessor:
             ids += self._text_ids(piece)
         labels = [IGNORE_INDEX] * len(ids)
         if caption is not None:
-            target = self._text_ids(caption) + [self.eos_token_id]
+            target = (self._text_ids(caption) + [self.eos_token_id])[:max_caption_tokens]
             ids, labels = ids + target, labels + target
         if self.max_length is not None and len(ids) > self.max_length:
             raise ValueError(

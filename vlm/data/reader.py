@@ -179,7 +179,7 @@ def _read_features(data: bytes) -> Tensor:
 def _text_example(text: Any, prompt: str, caption: str, max_tokens: int) -> dict[str, list[int]]:
     """One caption -> unpadded ids/labels, the caption part truncated to ``max_tokens`` (eos included)."""
     if hasattr(text, "build_inputs"):  # the VLM's processor: <image> placeholders, prompt, label masking
-        example = text.build_inputs(prompt, caption, num_images=1)
+        example = text.build_inputs(prompt, caption, num_images=1, max_caption_tokens=max_tokens)
         prefix = next((i for i, label in enumerate(example["labels"]) if label != IGNORE_INDEX), 0)
         keep = prefix + max_tokens
         return {"input_ids": example["input_ids"][:keep], "labels": example["labels"][:keep]}
