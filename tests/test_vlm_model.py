@@ -250,3 +250,13 @@ def test_bfloat16_lm_with_fp32_connector():
     out.loss.backward()
     assert model.projector[0].weight.grad.dtype == torch.float32
     assert torch.isfinite(model.projector[0].weight.grad).all()
+
+
+def test_max_caption_tokens_cuts_the_caption(model):
+    full = model.processor.build_inputs("Caption:", "a small red circle on the left", num_images=1)
+    cut = model.processor.build_inputs("Caption:", "a small red circle on the left", num_images=1, max_caption_tokens=4)
+    target = [t for t in cut["labels"] if t != IGNORE_INDEX]
+    assert target == [t for t in full["labels"] if t != IGNORE_INDEX][:4]
+    assert cut["input_ids"] == full["input_ids"][: len(cut["input_ids"])]
+    short = model.processor.build_inputs("Caption:", "a", num_images=1, max_caption_tokens=4)
+    assert short["input_ids"][-1] == model.tokenizer.eos_token_id  # a caption that fits keeps its eos
