@@ -13,6 +13,7 @@ Each run writes ``<out>/<task>-<size>.json`` (default out: runs/perceiver-bench)
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -38,7 +39,15 @@ def main(argv: list[str] | None = None) -> int:
         help="torch threads (default 1: these models are small, and on a shared 2-core machine one thread "
         "ran a training step 17x faster than two)",
     )
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)  # overrides may also come after the options
+    unknown = [e for e in extra if e.startswith("-") or "=" not in e]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        if args.command != "run":
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
+    os.environ.setdefault("PERCEIVER_BENCH_VERBOSE", "1")
 
     if args.command == "list":
         for name, spec in TASKS.items():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import random
 import time
@@ -117,12 +118,17 @@ def train_model(
     cfg: TrainConfig,
     generator: torch.Generator,
     evaluate: Callable[[], dict[str, float]] | None = None,
+    *,
+    verbose: bool | None = None,
 ) -> TrainStats:
     """AdamW with warm-up + cosine; ``loss_fn(index_batch)`` returns the scalar loss of that batch.
 
     ``evaluate`` (optional) is called every ``cfg.eval_every`` steps and at the end; its numbers go
-    into the training curve (evaluation time is not counted as training time).
+    into the training curve (evaluation time is not counted as training time). Curve points are
+    printed when ``verbose`` (default: the ``PERCEIVER_BENCH_VERBOSE`` environment variable, set by the CLI).
     """
+    if verbose is None:
+        verbose = os.environ.get("PERCEIVER_BENCH_VERBOSE") == "1"
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
     opt = torch.optim.AdamW(
@@ -157,6 +163,8 @@ def train_model(
                 with torch.no_grad():
                     point.update(evaluate())
             curve.append(point)
+            if verbose:
+                print("   " + ", ".join(f"{k} {v:.4g}" for k, v in point.items()), flush=True)
     model.eval()
     return TrainStats(seconds=seconds, examples=examples, curve=curve)
 

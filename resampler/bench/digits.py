@@ -72,8 +72,11 @@ def pixel_tokens(images: Tensor, num_bands: int, value_copies: int = 8) -> Tenso
     return torch.cat([values, pos], dim=-1)
 
 
-def train_perceiver(cfg: BenchConfig, train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor):
-    model = make_classifier(cfg.model, train_x.shape[-1], 10)
+def train_perceiver(
+    cfg: BenchConfig, train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, num_classes: int = 10
+):
+    torch.manual_seed(cfg.seed)
+    model = make_classifier(cfg.model, train_x.shape[-1], num_classes)
 
     def loss_fn(idx: Tensor) -> Tensor:
         return F.cross_entropy(model(train_x[idx]), train_y[idx])

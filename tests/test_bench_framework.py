@@ -1,0 +1,88 @@
+"""perceiver-bench plumbing: configs, overrides, records, the results table, the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from resampler.bench import TASKS, BenchConfig, TaskConfigs, load_task_config
+from resampler.bench.cli import main
+from resampler.bench.common import TaskResult, update_results_table, write_record
+from resampler.bench.config import CONFIG_DIR
+from resampler.config import from_dict, load_config
+
+
+def test_every_task_has_a_config_with_both_sizes():
+    for task in TASKS:
+        for size in ("smoke", "full"):
+            cfg = load_task_config(task, size)
+            assert cfg.task == task and cfg.size == size
+    yamls = {p.stem for p in CONFIG_DIR.glob("*.yaml")}
+    assert yamls == set(TASKS), f"configs without a task or tasks without a config: {yamls ^ set(TASKS)}"
+
+
+def test_yaml_mirrors_the_dataclass_1to1():
+    for path in CONFIG_DIR.glob("*.yaml"):
+        configs = load_config(TaskConfigs, path)
+        assert isinstance(configs.smoke, BenchConfig) and isinstance(configs.full, BenchConfig)
+
+
+def test_overrides_and_bad_fields():
+    cfg = load_task_config("digits", "smoke", ["train.steps=7", "model.num_latents=4"])
+    assert cfg.train.steps == 7 and cfg.model.num_latents == 4
+    with pytest.raises(ValueError, match="unknown config field"):
+        load_task_config("digits", "smoke", ["model.num_latentz=4"])
+    with pytest.raises(TypeError, match="train.steps"):
+        load_task_config("digits", "smoke", ["train.steps=many"])
+    with pytest.raises(ValueError, match="size must be"):
+        load_task_config("digits", "huge")
+    with pytest.raises(ValueError, match="no config for task"):
+        load_task_config("nope", "smoke")
+    with pytest.raises(ValueError, match="batch_size"):
+        from_dict(BenchConfig, {"train": {"batch_size": 0}})
+
+
+def _result(metric: float) -> TaskResult:
+    return TaskResult("top-1", metric, "majority", 0.1, ">= 96%", metric >= 0.96, parameters=1234, train_seconds=1.5)
+
+
+def test_record_and_table_row_replacement(tmp_path: Path):
+    cfg = load_task_config("digits", "smoke")
+    path = write_record(_result(0.5), cfg, tmp_path / "runs")
+    record = json.loads(path.read_text())
+    for key in ("task", "config", "metric", "baseline", "parameters", "train_seconds", "library_version", "seed"):
+        assert key in record
+    assert record["config"]["train"]["steps"] == cfg.train.steps
+
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("# Title\n\nintro\n\n<!-- results-table:begin -->\n<!-- results-table:end -->\n\nafter\n")
+    update_results_table(doc, "B1", _result(0.5), cfg)
+    update_results_table(doc, "B3", _result(0.7), load_task_config("point_clouds", "smoke"))
+    update_results_table(doc, "B1", _result(0.97), cfg)  # replaces the B1 smoke row
+    text = doc.read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| B")]
+    assert len(rows) == 2 and rows[0].startswith("| B1 ") and "0.97" in rows[0] and "| yes |" in rows[0]
+    assert text.startswith("# Title\n\nintro") and text.rstrip().endswith("after")
+
+
+def test_cli_list_and_errors(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in TASKS)
+    with pytest.raises(SystemExit):
+        main(["run", "no_such_task"])
+    with pytest.raises(SystemExit):
+        main(["run", "digits", "--bogus"])
+
+
+def test_cli_run_writes_record_and_table(tmp_path: Path):
+    rc = main(
+        ["run", "mirror_copy", "--out", str(tmp_path / "runs"), "--docs", str(tmp_path / "docs"), "train.steps=5"]
+    )
+    assert rc == 0
+    record = json.loads((tmp_path / "runs" / "mirror_copy-smoke.json").read_text())
+    assert record["config"]["train"]["steps"] == 5
+    assert "| B11 | mirror_copy | smoke |" in (tmp_path / "docs" / "benchmarks.md").read_text()
+    assert (tmp_path / "docs" / "figures" / "B11-mirror-copy-smoke.png").is_file()
