@@ -24,7 +24,7 @@ from resampler.config import from_dict, to_dict
 
 from .config import VLMConfig
 
-__all__ = ["save_adapter", "load_adapter", "adapter_state_dict", "read_manifest", "load_component"]
+__all__ = ["save_adapter", "load_adapter", "adapter_state_dict", "read_manifest", "read_weights", "load_component"]
 
 WEIGHTS = "adapter.safetensors"
 MANIFEST = "manifest.json"
@@ -118,12 +118,24 @@ def read_manifest(directory: str | Path) -> dict:
     return manifest
 
 
+def read_weights(directory: str | Path) -> dict[str, Tensor]:
+    """``adapter.safetensors`` as tensors; a cut or corrupt file is a ValueError saying so."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(directory) / WEIGHTS
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} is not an adapter checkpoint: {WEIGHTS} is missing")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{path} is truncated or corrupt ({err}); nothing was loaded") from None
+
+
 def load_component(directory: str | Path, prefix: str = "resampler.") -> dict[str, Tensor]:
     """The saved tensors under ``prefix`` with the prefix stripped, e.g. a resampler's state dict
     to plug a trained resampler into another LM."""
-    from safetensors.torch import load_file
-
-    state = load_file(str(Path(directory) / WEIGHTS))
+    state = read_weights(directory)
     out = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     if not out:
         raise ValueError(
@@ -159,16 +171,52 @@ def _check_compatible(model, manifest: dict, directory: Path) -> None:
         )
 
 
-def load_adapter(cls, directory, *, vision_model=None, lm=None, tokenizer=None, preprocess=None):
-    """Build ``cls`` from the manifest's config (parts loaded by name, or given) and load strictly."""
-    from safetensors.torch import load_file
+def _check_given_parts(manifest: dict, directory: Path, vision_model, lm) -> None:
+    """Parts passed in memory vs the manifest, before building the VLM modifies them (LoRA layers,
+    grown embeddings): a mismatch leaves the caller's models untouched."""
+    if lm is not None:
+        from .language import unwrap_lm
 
+        hf = unwrap_lm(lm)
+        embeddings = hf.get_input_embeddings()
+        want = manifest["lm"]
+        for key, value in (("model_type", hf.config.model_type), ("hidden_size", embeddings.embedding_dim)):
+            if want[key] != value:
+                raise ValueError(
+                    f"{directory}: adapter was trained for an LM with {key}={want[key]!r}, but this LM has "
+                    f"{key}={value!r} ({want['name_or_path']!r} expected)"
+                )
+        if embeddings.num_embeddings not in (want["base_vocab_size"], want["vocab_size"]):
+            raise ValueError(
+                f"{directory}: adapter was trained for an LM with vocab_size={want['base_vocab_size']!r} "
+                f"(+{want['vocab_size'] - want['base_vocab_size']} added rows), but this LM has "
+                f"vocab_size={embeddings.num_embeddings} ({want['name_or_path']!r} expected)"
+            )
+    visual = getattr(vision_model, "visual", vision_model)
+    width = getattr(getattr(visual, "transformer", None), "width", None)
+    if width is not None and width != manifest["vision"]["width"]:
+        raise ValueError(
+            f"{directory}: adapter expects a vision tower of width {manifest['vision']['width']} "
+            f"({manifest['vision']['name']!r}), this tower has width {width}"
+        )
+
+
+def load_adapter(cls, directory, *, vision_model=None, lm=None, tokenizer=None, preprocess=None):
+    """Build ``cls`` from the manifest's config (parts loaded by name, or given) and load strictly.
+
+    Everything that can be checked before building is: the manifest's version, the weights file
+    (complete, tensors as listed) and the given parts; no partial load on any mismatch.
+    """
     directory = Path(directory)
     manifest = read_manifest(directory)
     config = from_dict(VLMConfig, manifest["config"])
+    state = read_weights(directory)
+    listed = manifest.get("tensors")
+    if listed is not None and {k: list(v.shape) for k, v in state.items()} != listed:
+        raise ValueError(f"{directory}: {WEIGHTS} does not hold the tensors its manifest lists; nothing was loaded")
+    _check_given_parts(manifest, directory, vision_model, lm)
     model = cls(config, vision_model=vision_model, lm=lm, tokenizer=tokenizer, preprocess=preprocess)
     _check_compatible(model, manifest, directory)
-    state = load_file(str(directory / WEIGHTS))
     load_adapter_weights(model, state, directory)
     return model
 
