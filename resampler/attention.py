@@ -218,6 +218,7 @@ class Attention(nn.Module):
         if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != self.q_dim:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"Attention: x must have shape (B, Q, q_dim={self.q_dim}), got {shape}")
+        self._check_dtype_device("x", x)
         if context is None:
             if self.kv_dim != self.q_dim:
                 raise ValueError(f"Attention: context is required since kv_dim={self.kv_dim} != q_dim={self.q_dim}")
@@ -228,6 +229,20 @@ class Attention(nn.Module):
         if context.shape[0] != x.shape[0]:
             raise ValueError(
                 f"Attention: x and context must share the batch size, got {x.shape[0]} and {context.shape[0]}"
+            )
+        self._check_dtype_device("context", context)
+
+    def _check_dtype_device(self, name: str, t: Tensor) -> None:
+        """A clear error instead of a matmul failure deep in torch (autocast may mix float dtypes)."""
+        weight = self.to_q.weight
+        if not t.is_floating_point():
+            raise ValueError(f"Attention: {name} must be a floating-point tensor, got {t.dtype}")
+        if t.device != weight.device:
+            raise ValueError(f"Attention: {name} is on {t.device} but the weights are on {weight.device}: move one")
+        if t.dtype != weight.dtype and not torch.is_autocast_enabled(t.device.type):
+            raise ValueError(
+                f"Attention: {name} has dtype {t.dtype} but the weights are {weight.dtype}: cast one, or run "
+                "under torch.autocast"
             )
 
     def _check_prefix(self, prefix_kv: tuple[Tensor, Tensor], batch: int) -> None:

@@ -107,7 +107,7 @@ class CrossAttentionBlock(nn.Module):
     ) -> None:
         super().__init__()
         out_dim = q_dim if out_dim is None else out_dim
-        head_dim = q_dim // heads if head_dim is None else head_dim
+        head_dim = _head_dim("CrossAttentionBlock", "q_dim", q_dim, heads, head_dim)
         if query_residual and out_dim != q_dim:
             raise ValueError(f"CrossAttentionBlock: query_residual needs out_dim == q_dim, got {out_dim} != {q_dim}")
         if kv_includes_queries and kv_dim != q_dim:
@@ -148,6 +148,8 @@ class CrossAttentionBlock(nn.Module):
         self, x: Tensor, context: Tensor, mask: Tensor | None = None, *, cache: KVCache | None = None
     ) -> Tensor:
         """``cache``: keys/values of earlier context positions (incremental decoding, Perceiver AR)."""
+        _check_width("CrossAttentionBlock", "x", x, self.norm_q.normalized_shape[0])
+        _check_width("CrossAttentionBlock", "context", context, self.norm_kv.normalized_shape[0])
         q = self.norm_q(x)
         kv = self.norm_kv(context)
         if self.kv_includes_queries:
@@ -159,6 +161,23 @@ class CrossAttentionBlock(nn.Module):
         h = self.attn(q, kv, mask, cache=cache)
         x = x + h if self.query_residual else h
         return x + self.ff(self.norm_ff(x))
+
+
+def _head_dim(owner: str, field: str, dim: int, heads: int, head_dim: int | None) -> int:
+    """``head_dim`` or, when None, ``dim // heads`` — which then must divide exactly."""
+    if not isinstance(heads, int) or heads <= 0:
+        raise ValueError(f"{owner}: heads must be a positive int, got {heads!r}")
+    if head_dim is not None:
+        return head_dim
+    if not isinstance(dim, int) or dim <= 0 or dim % heads:
+        raise ValueError(f"{owner}: heads={heads} must divide {field}={dim} (or pass head_dim explicitly)")
+    return dim // heads
+
+
+def _check_width(owner: str, name: str, t: Tensor, width: int) -> None:
+    if not isinstance(t, Tensor) or t.dim() != 3 or t.shape[-1] != width:
+        shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+        raise ValueError(f"{owner}: {name} must have shape (B, N, {width}), got {shape}")
 
 
 def _extend_mask_with_queries(mask: Tensor, num_queries: int) -> Tensor:
@@ -199,7 +218,7 @@ class SelfAttentionBlock(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        head_dim = dim // heads if head_dim is None else head_dim
+        head_dim = _head_dim("SelfAttentionBlock", "dim", dim, heads, head_dim)
         factory = {"device": device, "dtype": dtype}
         self.norm_attn = make_norm(norm, dim, norm_eps, **factory)
         self.attn = Attention(
@@ -228,5 +247,6 @@ class SelfAttentionBlock(nn.Module):
         )
 
     def forward(self, x: Tensor, mask: Tensor | None = None, *, cache: KVCache | None = None) -> Tensor:
+        _check_width("SelfAttentionBlock", "x", x, self.norm_attn.normalized_shape[0])
         x = x + self.attn(self.norm_attn(x), mask=mask, cache=cache)
         return x + self.ff(self.norm_ff(x))

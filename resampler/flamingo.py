@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from .blocks import CrossAttentionBlock, make_norm
 
-__all__ = ["PerceiverResampler"]
+__all__ = ["PerceiverResampler", "quantize_int8"]
 
 
 class PerceiverResampler(nn.Module):
@@ -190,6 +190,13 @@ class PerceiverResampler(nn.Module):
             )
         if x.shape[-2] == 0:
             raise ValueError(f"PerceiverResampler: x has no patches (P=0), got {tuple(x.shape)}")
+        if x.device != self.latents.device:
+            raise ValueError(f"PerceiverResampler: x is on {x.device} but the weights are on {self.latents.device}")
+        if x.dtype != self.latents.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise ValueError(
+                f"PerceiverResampler: x has dtype {x.dtype} but the weights are {self.latents.dtype}: cast one, "
+                "or run under torch.autocast"
+            )
         if mask is not None and (
             not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.shape != x.shape[:-1]
         ):
@@ -227,6 +234,8 @@ def _media_kv(layer: CrossAttentionBlock, media_hat: Tensor) -> tuple[Tensor, Te
     media are frozen, so autograd computes only the weight gradient of this, the largest, product.
     """
     norm, proj = layer.norm_kv, layer.attn.to_kv
+    if type(proj) is not nn.Linear:  # e.g. an int8 dynamically quantized Linear: apply the affine, then it
+        return layer.attn.split_kv(proj(_apply_affine(norm, media_hat)))
     weight = proj.weight if norm.weight is None else proj.weight * norm.weight  # (Hkv*(dh+dv), D)
     bias = proj.bias
     norm_bias = getattr(norm, "bias", None)
@@ -234,3 +243,31 @@ def _media_kv(layer: CrossAttentionBlock, media_hat: Tensor) -> tuple[Tensor, Te
         shift = F.linear(norm_bias, proj.weight)  # W b: (Hkv*(dh+dv),)
         bias = shift if bias is None else bias + shift
     return layer.attn.split_kv(F.linear(media_hat, weight, bias))
+
+
+def _apply_affine(norm: nn.Module, x_hat: Tensor) -> Tensor:
+    if norm.weight is not None:
+        x_hat = x_hat * norm.weight
+    return x_hat if getattr(norm, "bias", None) is None else x_hat + norm.bias
+
+
+def quantize_int8(model: PerceiverResampler, per_channel: bool = True) -> PerceiverResampler:
+    """An int8 inference copy: the Linear layers dynamically quantized (int8 weights, activations quantized
+    per call), for CPU (fbgemm/x86 use VNNI where the CPU has it). Norms, softmax and embeddings stay fp32.
+
+    ``per_channel=True`` quantizes each output row with its own scale (smaller error, same speed).
+    The copy is for inference (no gradients); the original model is left untouched.
+    """
+    import copy
+
+    from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_qconfig, quantize_dynamic
+
+    qconfig = per_channel_dynamic_qconfig if per_channel else default_dynamic_qconfig
+    # The query projections stay fp32: they are small (N rows) and `Attention` reads their weight's
+    # dtype/device to check its inputs.
+    spec = {
+        name: qconfig
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and not name.endswith("attn.to_q")
+    }
+    return quantize_dynamic(copy.deepcopy(model).eval(), spec, dtype=torch.qint8)
