@@ -94,6 +94,17 @@ def test_every_torch_load_uses_weights_only_and_numpy_never_unpickles():
     assert loads >= 2  # the training checkpoint's optimizer and RNG state: the scan sees them
 
 
+def test_weights_are_written_as_safetensors_only():
+    """``torch.save`` (a pickle) only for the optimizer and RNG state of training checkpoints."""
+    writers = {}
+    for path, tree in _trees():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and _dotted(node.func) == "torch.save":
+                writers.setdefault(str(path), []).append(node.lineno)
+    assert set(writers) <= {"vlm/train.py"}, writers
+    assert len(writers.get("vlm/train.py", [])) <= 2, writers
+
+
 def _imported_from(tree: ast.AST, module: str, name: str) -> bool:
     return any(
         isinstance(n, ast.ImportFrom) and n.module == module and any(a.name == name for a in n.names)

@@ -8,7 +8,7 @@ Nothing can be downloaded, so the demo makes its own frozen backbones, briefly:
   same captions.
 
 Both are saved under ``<dir>`` and then loaded through the real paths users take with real models —
-``open_clip.create_model_and_transforms(name, pretrained=<local .pt>)`` and
+``open_clip.create_model_and_transforms(name, pretrained=<local .safetensors>)`` and
 ``AutoModelForCausalLM.from_pretrained(<local dir>)`` — so the VLM code cannot tell them from
 downloaded ones. A second run with the same settings reuses them (``<dir>/<part>/standin.json``
 records the settings; a change retrains that part).
@@ -29,6 +29,8 @@ from typing import Any
 import torch
 
 from resampler.config import to_dict
+
+VISION_WEIGHTS = "open_clip_model.safetensors"  # weights are written and read as safetensors only
 
 __all__ = [
     "VisionStandInConfig",
@@ -134,7 +136,7 @@ def ensure_standin_backbones(
     directory = Path(directory)
     vision_dir, lm_dir = directory / "vision", directory / "lm"
     pairs: tuple[torch.Tensor, list[list[str]]] | None = None
-    if not _is_current(vision_dir, config.vision, config.seed):
+    if not _is_current(vision_dir, config.vision, config.seed) or not (vision_dir / VISION_WEIGHTS).is_file():
         pairs = load_pairs()
         log(f"stand-in vision: training a tiny open_clip ViT ({config.vision.steps} steps, contrastive)")
         _build_atomically(vision_dir, lambda tmp: train_standin_vision(config.vision, *pairs, tmp, config.seed, log))
@@ -147,7 +149,7 @@ def ensure_standin_backbones(
     else:
         log(f"stand-in LM: reusing {lm_dir}")
     name = register_standin_vision(vision_dir)
-    return {"vision_name": name, "vision_pretrained": str(vision_dir / "open_clip_model.pt"), "lm_dir": str(lm_dir)}
+    return {"vision_name": name, "vision_pretrained": str(vision_dir / VISION_WEIGHTS), "lm_dir": str(lm_dir)}
 
 
 def register_standin_vision(vision_dir: str | Path) -> str:
@@ -259,7 +261,9 @@ def train_standin_vision(
                 f"  vision step {step + 1}/{config.steps}: contrastive loss {sum(losses[-20:]) / len(losses[-20:]):.3f}"
             )
     seconds = time.perf_counter() - start
-    torch.save(model.state_dict(), out_dir / "open_clip_model.pt")
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out_dir / VISION_WEIGHTS))
     record = {"config": to_dict(config), "seed": seed, "final_loss": losses[-1], "train_seconds": seconds}
     (out_dir / "standin.json").write_text(json.dumps(record, indent=1))
     return record
