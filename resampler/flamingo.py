@@ -147,6 +147,8 @@ class PerceiverResampler(nn.Module):
     def _resample(self, media: Tensor, mask: Tensor | None) -> Tensor:
         """media (M, S, D), mask (M, S) or None -> (M, num_latents, out_dim)."""
         m = media.shape[0]
+        if mask is not None:  # padding may hold anything (uninitialised memory: NaN, inf); 0 * NaN would leak
+            media = media.masked_fill(~mask[..., None], 0.0)
         # Every layer normalises the media the same way; only the affine differs, and is folded.
         media_hat = _normalize_without_affine(self.layers[0].norm_kv, media)  # (M, S, D)
         if mask is not None:  # latents always see each other: append their keys as attendable

@@ -24,9 +24,11 @@ def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def _insert_padding(x: torch.Tensor, mask: torch.Tensor, pads: int, gen: torch.Generator, dim: int, mask_dim=None):
-    """Insert ``pads`` garbage positions (large random values) at random places along ``dim`` of x and
-    ``mask_dim`` (default ``dim``) of the mask; returns padded x and mask (False at the pads)."""
+def _insert_padding(
+    x: torch.Tensor, mask: torch.Tensor, pads: int, gen: torch.Generator, dim: int, mask_dim=None, fill=None
+):
+    """Insert ``pads`` garbage positions (large random values, or ``fill``) at random places along ``dim``
+    of x and ``mask_dim`` (default ``dim``) of the mask; returns padded x and mask (False at the pads)."""
     n = x.shape[dim]
     real_slots = torch.randperm(n + pads, generator=gen)[:n].sort().values  # where real positions land
 
@@ -36,6 +38,8 @@ def _insert_padding(x: torch.Tensor, mask: torch.Tensor, pads: int, gen: torch.G
         return fill.reshape(-1)[: torch.Size(shape).numel()].reshape(shape).index_copy(d, real_slots, t)
 
     garbage = torch.randn(x.numel() // n * (n + pads), generator=gen, dtype=x.dtype) * 1e4
+    if fill is not None:
+        garbage = torch.full_like(garbage, fill)
     no = torch.zeros(mask.numel() // n * (n + pads), dtype=torch.bool)
     return spread(x, dim, garbage), spread(mask, dim if mask_dim is None else mask_dim, no)
 
@@ -208,8 +212,8 @@ def _media(case, gen, dim=8):
 
 
 @PROPS
-@given(resampler_cases(), st.integers(1, 4))
-def test_resampler_shape_contract_finiteness_and_padding(case, pads):
+@given(resampler_cases(), st.integers(1, 4), st.sampled_from([None, float("nan"), float("inf")]))
+def test_resampler_shape_contract_finiteness_and_padding(case, pads, fill):
     gen = _gen(case["seed"])
     model = _resampler(case)
     x, mask = _media(case, gen)
@@ -217,7 +221,8 @@ def test_resampler_shape_contract_finiteness_and_padding(case, pads):
     t = 1 if case["rank"] == 3 else case["t"]
     assert out.shape == (case["b"], t, case["latents"], case["out_dim"] or 8)
     assert torch.isfinite(out).all()  # media with every patch masked still give defined latents
-    padded, pmask = _insert_padding(x, mask, pads, gen, dim=x.dim() - 2)  # pad the patch axis
+    # pad the patch axis, with garbage or non-finite values (uninitialised memory): nothing leaks
+    padded, pmask = _insert_padding(x, mask, pads, gen, dim=x.dim() - 2, fill=fill)
     torch.testing.assert_close(model(padded, pmask), out, **TOL)
 
 
