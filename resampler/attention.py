@@ -289,6 +289,8 @@ class Attention(nn.Module):
             return F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=dropout, scale=self.scale, enable_gqa=groups > 1
             )
+        if self.use_sdpa:
+            return _math_attention(q, k, v, mask, scale=self.scale, dropout=dropout)
         return reference_attention(q, k, v, mask, scale=self.scale, dropout=dropout)
 
 
@@ -304,6 +306,25 @@ def _sdpa_backward_is_slow(q: Tensor, k: Tensor, v: Tensor) -> bool:
     if not (q.requires_grad or k.requires_grad or v.requires_grad):
         return False
     return q.shape[0] * q.shape[1] < torch.get_num_threads()
+
+
+def _math_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *, scale: float, dropout: float) -> Tensor:
+    """softmax((q * scale) k^T) v from matmul + softmax: the training kernel where SDPA's backward is slow.
+
+    Scales the (Q, dh) queries rather than the (Q, M) scores, and masks the scores in place (autograd
+    saved q and k for the product, not its output): two fewer passes over the largest tensor.
+    """
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)  # (B, H, M, dh)
+        v = v.repeat_interleave(groups, dim=1)  # (B, H, M, dv)
+    scores = torch.matmul(q * scale, k.transpose(-1, -2))  # (B, H, Q, M)
+    if mask is not None:
+        scores = scores.masked_fill_(~mask, float("-inf"))
+    probs = scores.softmax(dim=-1)
+    if dropout:
+        probs = F.dropout(probs, p=dropout)
+    return torch.matmul(probs, v)  # (B, H, Q, dv)
 
 
 def reference_attention(
