@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/bench_resampler.py                 # Flamingo-like size, ~5 min on 2 cores
     .venv/bin/python benchmarks/bench_resampler.py --smoke         # tiny size, ~10 s (checks it runs)
     .venv/bin/python benchmarks/bench_resampler.py --json docs/bench_resampler.json
+    .venv/bin/python benchmarks/bench_resampler.py --before --int8   # + our pre-optimisation code, + int8
 
 Size (one for all): dim 1024, depth 6, 64 latents, 8 heads x 128, FF x4, 257 patches, batch 8.
 Each peer is built with random weights; ours is made from it with our converter (so ours computes the
@@ -33,7 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import gemm_flops, interleaved_ms, peak_memory_mb, spread  # noqa: E402
+from common import gemm_workload, interleaved_ms, peak_memory_mb, spread  # noqa: E402
 
 from resampler.convert import from_flamingo_pytorch, from_idefics2  # noqa: E402
 
@@ -93,6 +94,18 @@ def ours_call(model: torch.nn.Module, x: torch.Tensor):
     return lambda: model(x)[:, 0]
 
 
+def ours_before_call(model: torch.nn.Module, x: torch.Tensor):
+    """The resampler as first written (before the speed work): each layer called as a plain block."""
+
+    def run():
+        latents = model.latents.expand(x.shape[0], -1, -1)
+        for layer in model.layers:
+            latents = layer(latents, x)
+        return model.norm(latents)
+
+    return run
+
+
 def forward(call):
     def run():
         with torch.no_grad():
@@ -139,12 +152,49 @@ def check_equal(peer, ours, peer_fn, ours_fn, tol: float) -> float:
     return err
 
 
+def bench_int8(model: torch.nn.Module, x: torch.Tensor, args) -> dict:
+    """Our fp32 forward vs its int8 dynamic-quantized copy (per-channel and per-tensor weight scales)."""
+    import warnings
+
+    from resampler.flamingo import quantize_int8
+
+    warnings.filterwarnings("ignore", message=".*quantiz.*")
+    variants = {
+        "fp32": model.eval(),
+        "int8 per-channel": quantize_int8(model),
+        "int8 per-tensor": quantize_int8(model, False),
+    }
+    with torch.no_grad():
+        ref = model(x)
+        errors = {}
+        for name, m in variants.items():
+            out = m(x)
+            errors[name] = ((out - ref).norm() / ref.norm()).item(), (out - ref).abs().max().item()
+    fns = {name: forward(ours_call(m, x)) for name, m in variants.items()}
+    times = interleaved_ms(fns, warmup=args.warmup, repeats=args.repeats)
+    print("\nint8 inference (forward, ours)")
+    print(f"{'variant':<26}{'ms':>9}{'spread':>8}{'x fp32':>8}{'rel err':>9}{'max err':>9}")
+    rows = []
+    for name in variants:
+        ms, samples = times[name]
+        rel, worst = errors[name]
+        speedup = times["fp32"][0] / ms
+        print(f"{name:<26}{ms:>9.0f}{spread(samples):>8.0%}{speedup:>8.2f}{rel:>9.2%}{worst:>9.3f}")
+        rows.append(
+            {"variant": name, "ms": ms, "samples_ms": samples, "speedup": speedup, "rel_err": rel, "max_err": worst}
+        )
+    print(f"(errors vs fp32 outputs of max magnitude {ref.abs().max().item():.2f}; rel err = |Δ|_F / |out|_F)")
+    return {"rows": rows}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny size, to check the script runs")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    parser.add_argument("--before", action="store_true", help="also time our resampler before the speed work")
+    parser.add_argument("--int8", action="store_true", help="also time the int8 dynamic-quantized forward")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
     size = SMOKE if args.smoke else Size()
@@ -160,25 +210,39 @@ def main(argv: list[str] | None = None) -> dict:
         calls[name], calls[f"ours({name})"] = peer_call(name, peer, x), ours_call(ours, x)
         err = check_equal(peer, ours, calls[name], calls[f"ours({name})"], tol=1e-4)
         print(f"{name}: converted, outputs and gradients agree (max |Δ| {err:.2e})")
+    if args.before:
+        ours = models["ours(flamingo-pytorch)"]
+        models["before(flamingo-pytorch)"], calls["before(flamingo-pytorch)"] = ours, ours_before_call(ours, x)
 
-    gemm = gemm_flops(n=2048 if not args.smoke else 512)
-    print(f"threads {torch.get_num_threads()}, measured fp32 GEMM rate {gemm / 1e9:.1f} GFLOP/s")
-    results = {"size": asdict(size), "gemm_flops": gemm, "rows": []}
+    print(f"threads {torch.get_num_threads()}")
+    results = {"size": asdict(size), "rows": []}
     for mode in ("forward", "forward+backward"):
         fns = {
             name: forward(calls[name]) if mode == "forward" else forward_backward(models[name], calls[name])
             for name in models
         }
-        # (FlopCounterMode's module tracker fails under no_grad: count the forward with grad enabled)
-        flops = {name: count_flops(calls[name] if mode == "forward" else fn) for name, fn in fns.items()}
-        times = interleaved_ms(fns, warmup=args.warmup, repeats=args.repeats)
+        # Model FLOPs: counted on each peer (FlopCounterMode; its module tracker fails under no_grad, so
+        # the forward is counted with grad enabled) and credited to ours too, as ours computes the same
+        # function with fewer backward FLOPs (and the counter misses CPU flash attention).
+        flops = {
+            name: count_flops(calls[name] if mode == "forward" else fn) for name, fn in fns.items() if name in peers
+        }
+        for name in fns:
+            flops.setdefault(name, flops[name[name.index("(") + 1 : -1]] if "(" in name else 0)
+        gemm_fn, gemm_work = gemm_workload(flops["flamingo-pytorch"] / 4, n=2048 if not args.smoke else 256)
+        times = interleaved_ms({"GEMM": gemm_fn, **fns}, warmup=args.warmup, repeats=args.repeats)
+        gemm = gemm_work / (times["GEMM"][0] / 1e3)
         memory = {name: float("nan") if args.no_memory else peak_memory_mb(fn) for name, fn in fns.items()}
         fastest_peer = min(times[p][0] for p in peers)
         print(f"\n{mode}  (B={size.batch}, P={size.patches}, D={size.dim}, depth={size.depth})")
+        print(
+            f"GEMM ceiling timed in the same round-robin: {gemm / 1e9:.1f} GFLOP/s (spread {spread(times['GEMM'][1]):.0%})"
+        )
         print(f"{'model':<26}{'ms':>9}{'spread':>8}{'ours x':>8}{'GFLOP':>8}{'of GEMM':>9}{'peak MiB':>10}")
+        results["rows"].append({"mode": mode, "model": "GEMM", "flops_per_s": gemm, "samples_ms": times["GEMM"][1]})
         for name in fns:
             ms, samples = times[name]
-            peer = name[5:-1] if name.startswith("ours(") else None
+            peer = name[name.index("(") + 1 : -1] if "(" in name else None
             speedup = f"{times[peer][0] / ms:.2f}" if peer else ""
             frac = flops[name] / (ms / 1e3) / gemm
             print(
@@ -199,6 +263,8 @@ def main(argv: list[str] | None = None) -> dict:
             )
         ours_best = times["ours(flamingo-pytorch)"][0]
         print(f"ours(flamingo-pytorch) vs the fastest peer: {fastest_peer / ours_best:.2f}x")
+    if args.int8:
+        results["int8"] = bench_int8(models["ours(flamingo-pytorch)"], x, args)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2))

@@ -6,6 +6,8 @@ numbers drift; ratios measured in the same run are what we report).
     median_ms(fn, warmup=2, repeats=5)   -> (median ms, list of all ms)
     peak_memory_mb(fn)                   -> peak bytes allocated during fn, in MiB (CPU: torch profiler)
     gemm_flops(n=2048, repeats=5)        -> measured fp32 FLOP/s of a square torch.mm (the ceiling)
+    gemm_workload(flops, n=2048)         -> (fn, flops): square torch.mm's totalling about ``flops``, to time
+                                            the ceiling inside an interleaved run (same load as the peers)
     interleaved_ms({name: fn}, ...)      -> {name: median ms}, runs the peers round-robin so drift hits all
 """
 
@@ -17,7 +19,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["median_ms", "interleaved_ms", "peak_memory_mb", "gemm_flops", "spread"]
+__all__ = ["median_ms", "interleaved_ms", "peak_memory_mb", "gemm_flops", "gemm_workload", "spread"]
 
 
 def _time_once(fn: Callable[[], object]) -> float:
@@ -83,3 +85,19 @@ def gemm_flops(n: int = 2048, repeats: int = 5) -> float:
     a, b = torch.randn(n, n), torch.randn(n, n)
     ms, _ = median_ms(lambda: torch.mm(a, b), warmup=2, repeats=repeats)
     return 2 * n**3 / (ms / 1e3)
+
+
+def gemm_workload(flops: float, n: int = 2048) -> tuple[Callable[[], object], float]:
+    """A function running k square (n x n) fp32 products, k chosen so it does about ``flops`` FLOPs.
+
+    Timed in the same ``interleaved_ms`` round-robin as the models, its FLOP/s is the machine's ceiling
+    under the same (shared, drifting) load. Returns the function and its exact FLOP count.
+    """
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    k = max(1, round(flops / (2 * n**3)))
+
+    def run() -> None:
+        for _ in range(k):
+            torch.mm(a, b)
+
+    return run, 2.0 * n**3 * k
