@@ -12,7 +12,7 @@ each peer gets its own copy of ours made by our converter (`from_hf_perceiver`, 
 and outputs and input gradients are checked equal at a small M before anything is timed.
 
 Timed round-robin in one process (the machine is shared): forward (no_grad) and forward+backward (all
-weights and the inputs trainable), medians of ``--repeats`` with the spread (max-min)/median. Peak memory:
+weights trainable; the inputs are pixels + Fourier features, so no input gradient unless --input-grad), medians of ``--repeats`` with the spread (max-min)/median. Peak memory:
 torch CPU allocations seen by the profiler during one forward at ``--memory-inputs`` (262,144) inputs,
 and one forward+backward at M.
 
@@ -156,17 +156,18 @@ def train_fn(module, call, x):
         out = call(x)
         out.square().mean().backward()
         module.zero_grad(set_to_none=True)
-        x.grad = None
+        if x.requires_grad:
+            x.grad = None
 
     return run
 
 
-def run(size: Size, repeats: int = 3, warmup: int = 1, memory: bool = True) -> dict:
+def run(size: Size, repeats: int = 3, warmup: int = 1, memory: bool = True, input_grad: bool = False) -> dict:
     models = build_all(size)
     parity = check_parity(models, size)
     torch.manual_seed(2)
     x = torch.randn(size.batch, size.inputs, size.input_dim)
-    xg = x.clone().requires_grad_(True)
+    xg = x.clone().requires_grad_(input_grad)
     forward = interleaved_ms({n: forward_fn(c, x) for n, (m, c) in models.items()}, warmup=warmup, repeats=repeats)
     train = interleaved_ms({n: train_fn(m, c, xg) for n, (m, c) in models.items()}, warmup=warmup, repeats=repeats)
     rows = {}
@@ -198,6 +199,7 @@ def run(size: Size, repeats: int = 3, warmup: int = 1, memory: bool = True) -> d
     return {
         "size": asdict(size),
         "threads": torch.get_num_threads(),
+        "input_grad": input_grad,
         "parity": parity,
         "rows": rows,
         "ratios": ratios,
@@ -207,7 +209,8 @@ def run(size: Size, repeats: int = 3, warmup: int = 1, memory: bool = True) -> d
 def format_table(result: dict) -> str:
     lines = [
         f"Perceiver IO, M={result['size']['inputs']}, N={result['size']['num_latents']}, "
-        f"batch {result['size']['batch']}, fp32, {result['threads']} threads",
+        f"batch {result['size']['batch']}, fp32, {result['threads']} threads, fwd+bwd "
+        f"{'with' if result['input_grad'] else 'without'} input gradient",
         f"{'model':30s} {'fwd ms':>9s} {'spread':>7s} {'fwd+bwd ms':>11s} {'spread':>7s} {'train MiB':>10s} "
         f"{'fwd MiB @' + str(result['size']['memory_inputs']):>16s}",
     ]
@@ -234,12 +237,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--inputs", type=int, default=None, help="override M")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
+    parser.add_argument("--input-grad", action="store_true", help="fwd+bwd also computes the inputs' gradient")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     size = SMOKE if args.smoke else Size()
     if args.inputs:
         size.inputs = args.inputs
-    result = run(size, repeats=args.repeats, memory=not args.no_memory)
+    result = run(size, repeats=args.repeats, memory=not args.no_memory, input_grad=args.input_grad)
     print(format_table(result))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
