@@ -86,3 +86,31 @@ def test_cli_run_writes_record_and_table(tmp_path: Path):
     assert record["config"]["train"]["steps"] == 5
     assert "| B11 | mirror_copy | smoke |" in (tmp_path / "docs" / "benchmarks.md").read_text()
     assert (tmp_path / "docs" / "figures" / "B11-mirror-copy-smoke.png").is_file()
+
+
+def test_fit_slope_recovers_a_power_law():
+    from resampler.bench.scaling import fit_slope
+
+    lengths = [1024 * 2**i for i in range(6)]
+    assert abs(fit_slope(lengths, [3e-6 * m**1.0 for m in lengths]) - 1.0) < 1e-9
+    assert abs(fit_slope(lengths, [1e-9 * m**2.0 for m in lengths]) - 2.0) < 1e-9
+
+
+def test_generators_are_deterministic_and_well_formed():
+    import torch
+
+    from resampler.bench.entities import make_sets
+    from resampler.bench.mirror_copy import make_sequences
+    from resampler.bench.point_clouds import sample_shape
+
+    gen = torch.Generator().manual_seed(0)
+    sphere = sample_shape("sphere", 100, gen)
+    assert torch.allclose(sphere.norm(dim=-1), torch.ones(100), atol=1e-5)
+    cube = sample_shape("cube", 100, gen)
+    assert torch.allclose(cube.abs().amax(dim=-1), torch.ones(100))  # every point on a face
+    cfg = load_task_config("mirror_copy", "smoke")
+    seq = make_sequences(cfg, 4, seed=3)
+    n = cfg.data.length
+    assert torch.equal(seq[:, 1 : n + 1].flip(1), seq[:, n + 2 :]) and torch.equal(seq, make_sequences(cfg, 4, seed=3))
+    ent = make_sets(load_task_config("entities", "full"), 16, seed=1)
+    assert ((ent["labels"] == -1) == ~ent["mask"]).all()  # labels exactly on real entities
