@@ -241,6 +241,34 @@ def test_adapter_checkpoints_are_safetensors_plus_json(tmp_path):
     assert manifest["config"]["lm"]["trust_remote_code"] is False
 
 
+def test_a_foreign_manifest_cannot_turn_on_trust_remote_code(tmp_path, monkeypatch):
+    import vlm.model
+    from vlm.model import VisionLanguageModel
+    from vlm.testing import tiny_clip, tiny_lm, tiny_tokenizer, tiny_vlm
+
+    tiny_vlm("llama").save_adapter(tmp_path / "adapter")
+    path = tmp_path / "adapter" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["config"]["lm"]["trust_remote_code"] = True  # a stranger's manifest asks for remote code
+    path.write_text(json.dumps(manifest))
+
+    seen = []
+
+    def fake_lm(config):  # the LM and tokenizer are loaded by name from the manifest: capture the flag
+        seen.append(config.trust_remote_code)
+        return tiny_lm("llama", tiny_tokenizer())
+
+    monkeypatch.setattr(vlm.model, "load_language_model", fake_lm)
+    monkeypatch.setattr(
+        vlm.model, "load_tokenizer", lambda config: seen.append(config.trust_remote_code) or tiny_tokenizer()
+    )
+    vision, preprocess = tiny_clip()
+    model = VisionLanguageModel.load_adapter(tmp_path / "adapter", vision, preprocess=preprocess)
+    assert seen == [False, False] and model.config.lm.trust_remote_code is False
+    VisionLanguageModel.load_adapter(tmp_path / "adapter", vision, preprocess=preprocess, trust_remote_code=True)
+    assert seen[2:] == [True, True]  # only the caller's explicit argument turns it on
+
+
 # ----------------------------------------------------------------------------------------------
 # Behaviour: paths from captions files and shards
 

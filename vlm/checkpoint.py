@@ -201,15 +201,19 @@ def _check_given_parts(manifest: dict, directory: Path, vision_model, lm) -> Non
         )
 
 
-def load_adapter(cls, directory, *, vision_model=None, lm=None, tokenizer=None, preprocess=None):
+def load_adapter(
+    cls, directory, *, vision_model=None, lm=None, tokenizer=None, preprocess=None, trust_remote_code: bool = False
+):
     """Build ``cls`` from the manifest's config (parts loaded by name, or given) and load strictly.
 
     Everything that can be checked before building is: the manifest's version, the weights file
     (complete, tensors as listed) and the given parts; no partial load on any mismatch.
+    ``trust_remote_code`` comes from the caller only, never from the (possibly foreign) manifest.
     """
     directory = Path(directory)
     manifest = read_manifest(directory)
     config = from_dict(VLMConfig, manifest["config"])
+    config.lm.trust_remote_code = bool(trust_remote_code)
     state = read_weights(directory)
     listed = manifest.get("tensors")
     if listed is not None and {k: list(v.shape) for k, v in state.items()} != listed:

@@ -411,14 +411,28 @@ class VisionLanguageModel(nn.Module):
 
     @classmethod
     def load_adapter(
-        cls, directory: str | Path, vision_model=None, lm=None, tokenizer=None, *, preprocess=None
+        cls,
+        directory: str | Path,
+        vision_model=None,
+        lm=None,
+        tokenizer=None,
+        *,
+        preprocess=None,
+        trust_remote_code: bool = False,
     ) -> VisionLanguageModel:
         """Rebuild from a ``save_adapter`` directory: base parts from the manifest's config (or given
-        in memory), adapter weights loaded strictly."""
+        in memory), adapter weights loaded strictly. ``trust_remote_code`` is never taken from the
+        manifest: only this argument turns it on."""
         from .checkpoint import load_adapter
 
         return load_adapter(
-            cls, directory, vision_model=vision_model, lm=lm, tokenizer=tokenizer, preprocess=preprocess
+            cls,
+            directory,
+            vision_model=vision_model,
+            lm=lm,
+            tokenizer=tokenizer,
+            preprocess=preprocess,
+            trust_remote_code=trust_remote_code,
         )
 
 
