@@ -149,14 +149,25 @@ def test_strict_load_names_what_differs(tmp_path):
     tok.add_special_tokens({"additional_special_tokens": ["<extra>"]})
     with pytest.raises(ValueError, match=r"vocab_size=321.*this LM has vocab_size=322"):
         VisionLanguageModel.load_adapter(tmp_path / "a", clip, tiny_lm("llama", tok), tok)
-    # a tampered file: a tensor missing
-    from safetensors.torch import load_file, save_file
-
-    state = load_file(tmp_path / "a" / "adapter.safetensors")
-    state.pop(next(k for k in state if k.startswith("resampler.")))
-    save_file(state, tmp_path / "a" / "adapter.safetensors")
+    # the strict copy into a built model names missing, unexpected and misshapen tensors
     vision, _, lm, tok = tiny_parts("llama")
+    model = VisionLanguageModel.from_parts(vision, lm, tok, tiny_vlm_config("llama"))
+    state = ckpt.read_weights(tmp_path / "a")
+    missing = dict(state)
+    missing.pop(next(k for k in state if k.startswith("resampler.")))
     with pytest.raises(ValueError, match=r"missing \['resampler\."):
+        ckpt.load_adapter_weights(model, missing)
+    with pytest.raises(ValueError, match=r"unexpected \['extra.weight'\]"):
+        ckpt.load_adapter_weights(model, {**state, "extra.weight": torch.zeros(1)})
+    name = next(k for k in state if k.startswith("projector."))
+    with pytest.raises(ValueError, match=rf"{name} has shape \(1,\), this model expects"):
+        ckpt.load_adapter_weights(model, {**state, name: torch.zeros(1)})
+    # a tampered file whose tensors no longer match its manifest
+    from safetensors.torch import save_file
+
+    save_file(missing, tmp_path / "a" / "adapter.safetensors")
+    vision, _, lm, tok = tiny_parts("llama")
+    with pytest.raises(ValueError, match="does not hold the tensors its manifest lists"):
         VisionLanguageModel.load_adapter(tmp_path / "a", vision, lm, tok)
     with pytest.raises(FileNotFoundError, match="manifest.json is missing"):
         VisionLanguageModel.load_adapter(tmp_path, vision, lm, tok)
@@ -188,7 +199,10 @@ def test_config_validation_names_the_field():
         load_config(VLMConfig, None, ["lm.hidden=12"])
     with pytest.raises(ValueError, match=r"injection.mode: must be one of \['prefix', 'cross_attention'\]"):
         load_config(VLMConfig, None, ["injection.mode=late"])
-    assert VLMConfig().tokens_per_image == 64
+    config = VLMConfig()
+    assert config.tokens_per_image == 64
+    config.injection.mode = "cross_attention"  # derived values follow edits of the parts
+    assert config.tokens_per_image == 1
 
 
 def test_trained_resampler_plugs_into_another_lm(tmp_path):

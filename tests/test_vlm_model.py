@@ -260,3 +260,14 @@ def test_max_caption_tokens_cuts_the_caption(model):
     assert cut["input_ids"] == full["input_ids"][: len(cut["input_ids"])]
     short = model.processor.build_inputs("Caption:", "a", num_images=1, max_caption_tokens=4)
     assert short["input_ids"][-1] == model.tokenizer.eos_token_id  # a caption that fits keeps its eos
+
+
+def test_linear_projector_and_penultimate_layer_build_and_train():
+    from vlm import ProjectorConfig
+
+    vision = VisionConfig(name=tiny_vlm_config().vision.name, pretrained=None, layer="penultimate", keep_cls=True)
+    model = tiny_vlm("llama", projector=ProjectorConfig(kind="linear"), vision=vision)
+    assert isinstance(model.projector, torch.nn.Linear) and model.vision.num_patches == 17
+    batch = model.processor(["Caption:"], captions=["a red circle"], num_images=1)
+    model(images=tiny_images(1), **batch).loss.backward()
+    assert model.projector.weight.grad is not None

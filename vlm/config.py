@@ -164,8 +164,11 @@ class VLMConfig:
     injection: InjectionConfig = field(default_factory=InjectionConfig)
     caption_prompt: str = ""  # text after the image when captioning, e.g. "Caption:"
     max_new_tokens: int = 32
-    tokens_per_image: int = field(init=False, repr=False)  # derived: text tokens one image occupies
 
     def __post_init__(self) -> None:
         _positive("vlm", max_new_tokens=self.max_new_tokens)
-        self.tokens_per_image = self.resampler.num_latents if self.injection.mode == "prefix" else 1
+
+    @property
+    def tokens_per_image(self) -> int:
+        """Derived: text tokens one image occupies (a property, so it follows later edits of the parts)."""
+        return self.resampler.num_latents if self.injection.mode == "prefix" else 1
