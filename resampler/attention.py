@@ -330,15 +330,16 @@ def _math_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *, sca
 def reference_attention(
     q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *, scale: float, dropout: float = 0.0
 ) -> Tensor:
-    """Plain softmax(q k^T * scale) v, computed in fp32; the check for the SDPA path."""
+    """Plain softmax(q k^T * scale) v, computed in fp32 (fp64 for fp64 inputs); the check for the SDPA path."""
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
-    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale  # (B, H, Q, M)
+    compute = torch.promote_types(q.dtype, torch.float32)  # never below fp32, never a downcast of fp64
+    scores = torch.matmul(q.to(compute), k.to(compute).transpose(-1, -2)) * scale  # (B, H, Q, M)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     probs = scores.softmax(dim=-1)
     if dropout:
         probs = F.dropout(probs, p=dropout)
-    return torch.matmul(probs, v.float()).to(q.dtype)
+    return torch.matmul(probs, v.to(compute)).to(q.dtype)

@@ -17,7 +17,6 @@ from resampler import Attention, CrossAttentionBlock, PerceiverResampler
 PROPS = settings(max_examples=30, deadline=None, derandomize=True)
 F64 = torch.float64
 TOL = {"rtol": 1e-9, "atol": 1e-10}
-FP32_TOL = {"rtol": 1e-5, "atol": 1e-6}
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -113,13 +112,11 @@ def test_attention_shapes_finiteness_and_empty_rows(case):
         full = full.expand(case["b"], case["heads"], case["q"], case["m"])
         empty = ~full.any(-1).any(1)  # (B, Q): no key in any head
         assert torch.all(out[empty] == 0)
-    # chunked or not, SDPA or the plain path: the same function, masks included (the plain path
-    # computes its softmax in fp32 by design, hence the fp32 tolerance whenever it is involved)
+    # chunked or not, SDPA or the plain path: the same function, masks included
     for sdpa in (True, False):
         other = _attention({**case, "sdpa": sdpa, "chunk": None})
         other.load_state_dict(attn.state_dict())
-        tol = TOL if sdpa and case["sdpa"] else FP32_TOL
-        torch.testing.assert_close(other(x, ctx, mask), out, **tol)
+        torch.testing.assert_close(other(x, ctx, mask), out, **TOL)
 
 
 @PROPS
