@@ -271,3 +271,18 @@ def test_linear_projector_and_penultimate_layer_build_and_train():
     batch = model.processor(["Caption:"], captions=["a red circle"], num_images=1)
     model(images=tiny_images(1), **batch).loss.backward()
     assert model.projector.weight.grad is not None
+
+
+def test_lm_with_a_padded_vocabulary_keeps_its_embedding_size(tmp_path):
+    """Qwen-style LMs have more embedding rows than tokenizer entries: <image> fits without a resize."""
+    vision, preprocess, _, tok = tiny_parts("qwen2")
+    lm = tiny_lm("qwen2", tok, vocab_size=384)
+    model = VisionLanguageModel.from_parts(vision, lm, tok, tiny_vlm_config("qwen2"), preprocess=preprocess)
+    assert model.language_model.get_input_embeddings().num_embeddings == 384 and model.new_token_ids == []
+    assert model.image_token_id == 320
+    batch = model.processor(["Caption:"], captions=["a red circle"], num_images=1)
+    model(images=tiny_images(1), **batch).loss.backward()
+    model.save_adapter(tmp_path / "a")
+    vision, preprocess, _, tok = tiny_parts("qwen2")
+    loaded = VisionLanguageModel.load_adapter(tmp_path / "a", vision, tiny_lm("qwen2", tok, vocab_size=384), tok)
+    assert loaded.language_model.get_input_embeddings().num_embeddings == 384
