@@ -5,6 +5,7 @@ checkpoint does not run, crafted pointers and paths cannot leave their directory
 from __future__ import annotations
 
 import ast
+import functools
 import io
 import json
 import os
@@ -32,9 +33,15 @@ def _sources() -> list[Path]:
     return files
 
 
+@functools.cache
+def _parsed() -> tuple[tuple[Path, ast.AST], ...]:
+    return tuple(
+        (path.relative_to(ROOT), ast.parse(path.read_text(encoding="utf-8"), filename=str(path))) for path in _sources()
+    )
+
+
 def _trees():
-    for path in _sources():
-        yield path.relative_to(ROOT), ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    yield from _parsed()
 
 
 def _dotted(node: ast.AST) -> str:
