@@ -300,3 +300,37 @@ def test_fuzzed_images_and_captions_never_crash_and_are_all_accounted_for(tmp_pa
         yielded = len(_keys(loader))
         assert yielded + sum(loader.bad_samples.values()) == len(samples)
         assert yielded > 0 and len(loader.bad_samples) >= 2  # both outcomes, several reasons
+
+
+def _ddp_reader(rank: int, world: int, init_file: str, patterns: list[str], out_dir: str) -> None:
+    import json as _json
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        for p, pattern in enumerate(patterns):
+            for workers in (0, 2):
+                loader = CaptionLoader(pattern, _config(num_workers=workers, sample_shuffle=4, shard_shuffle=True))
+                Path(out_dir, f"p{p}_rank{rank}_w{workers}.json").write_text(_json.dumps(_keys(loader)))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_real_two_process_gloo_split(tmp_path):
+    """torch.distributed ranks (gloo, spawned) plus DataLoader workers split 1 or 4 shards: each sample once."""
+    import json as _json
+
+    import torch.multiprocessing as mp
+
+    n = 20
+    patterns = [
+        write_samples([_good(i) for i in range(n)], tmp_path / str(k), samples_per_shard=n // k).pattern for k in (1, 4)
+    ]
+    mp.spawn(_ddp_reader, args=(2, str(tmp_path / "init"), patterns, str(tmp_path)), nprocs=2, join=True)
+    for p in range(len(patterns)):
+        for workers in (0, 2):
+            per_rank = [_json.loads((tmp_path / f"p{p}_rank{r}_w{workers}.json").read_text()) for r in range(2)]
+            assert sorted(per_rank[0] + per_rank[1]) == sorted(f"good{i:02d}" for i in range(n))
+            assert per_rank[0] and per_rank[1]

@@ -253,6 +253,7 @@ class CaptionDataset(torch.utils.data.IterableDataset):
         self.text, self.prompt, self.train = text, prompt, train
         self.keep_pixels, self.keep_raw = keep_pixels, keep_raw
         self.rank, self.world_size = rank, world_size
+        self._main_process_rank: tuple[int, int] | None = None
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -260,7 +261,8 @@ class CaptionDataset(torch.utils.data.IterableDataset):
 
     def _slot(self) -> tuple[int, int, int]:
         """(this reader's index, number of readers, worker id) over all ranks and DataLoader workers."""
-        rank, world = _distributed_info()
+        # DataLoader workers may be spawned (no process group there): prefer what the loader saw in the main process.
+        rank, world = self._main_process_rank or _distributed_info()
         rank = rank if self.rank is None else self.rank
         world = world if self.world_size is None else self.world_size
         info = torch.utils.data.get_worker_info()
@@ -414,6 +416,7 @@ class CaptionLoader:
 
     def __iter__(self) -> Iterator[CaptionBatch]:
         workers = self.config.num_workers
+        self.dataset._main_process_rank = _distributed_info()
         loader = torch.utils.data.DataLoader(
             self.dataset,
             batch_size=None,
