@@ -1,6 +1,6 @@
 """Feature cache: training-input throughput from cached patch features vs on-the-fly encoding.
 
-    .venv/bin/python benchmarks/bench_feature_cache.py                        # ~2-3 min on 2 CPU cores
+    .venv/bin/python benchmarks/bench_feature_cache.py                 # ~1-2 min on 2 quiet CPU cores
     .venv/bin/python benchmarks/bench_feature_cache.py --towers tiny --samples 512
 
 For each frozen tower (random weights, built offline) the same synthetic-world shards are read two
@@ -9,6 +9,9 @@ training does without a cache) and (b) read the fp16 feature shards `precompute_
 Prints samples/s of each, the ratio (goal >= 5x), the one-off caching time, and the shard sizes.
 Towers: ``tiny`` = the tests' tiny ViT (32 px, 16 patches x 48), ``vit-b-32`` = open_clip ViT-B-32
 (224 px, 49 patches x 768), the realistic default.
+
+Measured 2026-11-22 on the shared 2-core machine (load ~12, so absolute numbers are low and noisy):
+tiny 49 -> 598 samples/s (12x; 256 samples, 1 worker), ViT-B-32 2.1 -> 273 samples/s (129x).
 """
 
 from __future__ import annotations
