@@ -232,6 +232,8 @@ def test_max_bad_steps_must_be_positive():
 PEER_WORKER = textwrap.dedent(
     """
     import os, sys, time
+    from types import SimpleNamespace
+    import torch
     import vlm.train as T
     from test_train import make, quiet
 
@@ -244,10 +246,14 @@ PEER_WORKER = textwrap.dedent(
         if rank == 1 and calls[0] == 3:
             if fault == "die":
                 os._exit(17)
+            if fault == "nan":  # only this rank sees a NaN loss
+                return SimpleNamespace(loss=forward(*args, **kwargs).loss * float("nan"))
             time.sleep(600)  # hang
         return forward(*args, **kwargs)
     model.forward = faulty
-    T.train(model, loader, quiet(max_steps=50), sys.argv[1])
+    result = T.train(model, loader, quiet(max_steps=6 if fault == "nan" else 50), sys.argv[1])
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    torch.save({"params": params, "skipped": result.skipped_steps, "losses": result.losses}, f"{sys.argv[1]}/rank{rank}.pt")
     """
 )
 
@@ -276,6 +282,8 @@ def _run_pair(tmp_path: Path, fault: str, timeout_s: float) -> tuple[subprocess.
     try:
         _, err = procs[0].communicate(timeout=240)  # a hang here fails the test instead of the suite
         elapsed = time.monotonic() - start
+        if fault == "nan":
+            procs[1].wait(timeout=120)
     finally:
         for p in procs:
             if p.poll() is None:
@@ -297,3 +305,14 @@ def test_a_hung_peer_times_out_instead_of_blocking_forever(tmp_path):
     assert survivor.returncode != 0
     assert "Timed out" in survivor.stderr or "timeout" in survivor.stderr.lower(), survivor.stderr[-2000:]
     assert elapsed < 200
+
+
+@pytest.mark.slow
+def test_a_nan_on_one_rank_makes_every_rank_skip_the_step_together(tmp_path):
+    survivor, _ = _run_pair(tmp_path, "nan", timeout_s=60)
+    assert survivor.returncode == 0, survivor.stderr[-2000:]
+    ranks = [torch.load(tmp_path / "out" / f"rank{r}.pt") for r in range(2)]
+    assert ranks[0]["skipped"] == ranks[1]["skipped"] == 1
+    assert len(ranks[0]["losses"]) == 6 and ranks[0]["losses"] == ranks[1]["losses"]
+    for name, p in ranks[0]["params"].items():
+        assert torch.isfinite(p).all() and torch.equal(p, ranks[1]["params"][name]), name  # replicas agree
