@@ -223,3 +223,14 @@ def test_trained_resampler_plugs_into_another_lm(tmp_path):
     assert all(p.grad is None for p in target.resampler.parameters())
     assert target.projector[0].weight.grad is not None
     assert ckpt.adapter_state_dict(target).keys() >= {f"resampler.{k}" for k in resampler_state}
+
+
+def test_lm_dtype_from_config(tmp_path):
+    config = _saved_base_parts(tmp_path, "llama")
+    config.lm.dtype = "bfloat16"
+    model = VisionLanguageModel(config)
+    dtypes = {("lora_" in n, p.dtype) for n, p in model.language_model.named_parameters()}
+    assert dtypes == {(False, torch.bfloat16), (True, torch.float32)}  # peft keeps adapters in fp32
+    assert {p.dtype for p in model.resampler.parameters()} == {torch.float32}
+    batch = model.processor(["Caption:"], captions=["a red circle"], num_images=1)
+    assert torch.isfinite(model(images=tiny_images(1), **batch).loss)
