@@ -129,11 +129,12 @@ class PerceiverResampler(nn.Module):
         """
         x5, mask5 = self._as_5d(x, mask)
         b, t, f, p, d = x5.shape
-        x5 = self._add_embeddings(x5)
+        pos_media, pos_seq = self._embeddings(b, t, f, p)  # (B*T, 1, D) per media, (1, F*P, D) per patch
         media = x5.reshape(b * t, f * p, d)  # (B*T, F*P, D): each media item resampled alone
         flat_mask = None if mask5 is None else mask5.reshape(b * t, f * p)  # (B*T, F*P)
         if media_mask is None:
-            return self._resample(media, flat_mask).view(b, t, self.num_latents, self.out_dim)
+            out = self._resample(media, flat_mask, pos_media, pos_seq)
+            return out.view(b, t, self.num_latents, self.out_dim)
         if not isinstance(media_mask, Tensor) or media_mask.dtype != torch.bool or media_mask.shape != (b, t):
             got = f"{media_mask.dtype} {tuple(media_mask.shape)}" if isinstance(media_mask, Tensor) else media_mask
             raise ValueError(f"PerceiverResampler: media_mask must be boolean of shape (B, T)=({b}, {t}), got {got}")
@@ -141,44 +142,58 @@ class PerceiverResampler(nn.Module):
         out = media.new_zeros(b * t, self.num_latents, self.out_dim)
         if bool(present.any()):
             sub_mask = None if flat_mask is None else flat_mask[present]
-            out = out.index_put((present,), self._resample(media[present], sub_mask))
+            sub_pos = None if pos_media is None else pos_media[present]
+            out = out.index_put((present,), self._resample(media[present], sub_mask, sub_pos, pos_seq))
         return out.view(b, t, self.num_latents, self.out_dim)
 
-    def _resample(self, media: Tensor, mask: Tensor | None) -> Tensor:
-        """media (M, S, D), mask (M, S) or None -> (M, num_latents, out_dim)."""
+    def _resample(self, media: Tensor, mask: Tensor | None, pos_media: Tensor | None, pos_seq: Tensor | None) -> Tensor:
+        """media (M, S, D), mask (M, S) or None, embeddings (M, 1, D) / (1, S, D) -> (M, num_latents, out_dim)."""
         m = media.shape[0]
         if mask is not None:  # padding may hold anything (uninitialised memory: NaN, inf); 0 * NaN would leak
             media = media.masked_fill(~mask[..., None], 0.0)
-        # Every layer normalises the media the same way; only the affine differs, and is folded.
-        media_hat = _normalize_without_affine(self.layers[0].norm_kv, media)  # (M, S, D)
+        pos = [e for e in (pos_media, pos_seq) if e is not None]
+        learned_pos_only = (
+            torch.is_grad_enabled()
+            and not media.requires_grad
+            and any(e.requires_grad for e in pos)
+            and all(type(layer.attn.to_kv) is nn.Linear for layer in self.layers)
+        )
+        if learned_pos_only:  # frozen media + learned embeddings: no per-patch media gradient needed
+            media_kvs = _embedded_media_kv(self.layers, media, pos_media, pos_seq)
+        else:
+            for e in pos:
+                media = media + e
+            # Every layer normalises the media the same way; only the affine differs, and is folded.
+            media_hat = _normalize_without_affine(self.layers[0].norm_kv, media)  # (M, S, D)
         if mask is not None:  # latents always see each other: append their keys as attendable
             mask = torch.cat([mask, mask.new_ones(m, self.num_latents)], dim=-1)  # (M, S + N)
         latents = self.latents.expand(m, -1, -1)  # (M, N, D)
-        for layer in self.layers:
-            latents = _resampler_layer(layer, latents, media_hat, mask)
+        for i, layer in enumerate(self.layers):
+            media_kv = layer.attn.split_kv(media_kvs[i]) if learned_pos_only else _media_kv(layer, media_hat)
+            latents = _resampler_layer(layer, latents, media_kv, mask)
         out = self.norm(latents)
         return out if self.proj is None else self.proj(out)
 
-    def _add_embeddings(self, x5: Tensor) -> Tensor:
-        _, t, f, p, _ = x5.shape
-        for table, count, what, view in [
-            (self.frame_embeddings, f, "frames", lambda e: e[:, None, :]),  # (F, 1, D)
-            (self.media_time_embeddings, t, "media", lambda e: e[:, None, None, :]),  # (T, 1, 1, D)
-        ]:
-            if table is not None:
-                if count > table.shape[0]:
-                    raise ValueError(
-                        f"PerceiverResampler: got {count} {what}, the embedding table has {table.shape[0]}"
-                    )
-                x5 = x5 + view(table[:count])
+    def _embeddings(self, b: int, t: int, f: int, p: int) -> tuple[Tensor | None, Tensor | None]:
+        """Per-media (B*T, 1, D) media-time embeddings and per-patch (1, F*P, D) frame + patch embeddings."""
+        for table, count, what in [(self.frame_embeddings, f, "frames"), (self.media_time_embeddings, t, "media")]:
+            if table is not None and count > table.shape[0]:
+                raise ValueError(f"PerceiverResampler: got {count} {what}, the embedding table has {table.shape[0]}")
+        if self.patch_position_embeddings is not None and p != self.patch_position_embeddings.shape[0]:
+            raise ValueError(
+                f"PerceiverResampler: got {p} patches, num_patch_positions is {self.patch_position_embeddings.shape[0]}"
+            )
+        pos_media = pos_seq = None
+        if self.media_time_embeddings is not None:
+            pos_media = self.media_time_embeddings[:t].expand(b, t, self.dim).reshape(b * t, 1, self.dim)
+        if self.frame_embeddings is not None:
+            pos_seq = self.frame_embeddings[:f, None, :].expand(f, p, self.dim)  # (F, P, D)
         if self.patch_position_embeddings is not None:
-            if p != self.patch_position_embeddings.shape[0]:
-                raise ValueError(
-                    f"PerceiverResampler: got {p} patches, num_patch_positions is "
-                    f"{self.patch_position_embeddings.shape[0]}"
-                )
-            x5 = x5 + self.patch_position_embeddings  # (P, D)
-        return x5
+            patches = self.patch_position_embeddings.expand(f, p, self.dim)  # (F, P, D)
+            pos_seq = patches if pos_seq is None else pos_seq + patches
+        if pos_seq is not None:
+            pos_seq = pos_seq.reshape(1, f * p, self.dim)
+        return pos_media, pos_seq
 
     def _as_5d(self, x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
         if not isinstance(x, Tensor):
@@ -213,10 +228,12 @@ class PerceiverResampler(nn.Module):
         return x, mask
 
 
-def _resampler_layer(layer: CrossAttentionBlock, latents: Tensor, media_hat: Tensor, mask: Tensor | None) -> Tensor:
-    """``layer(latents, media, mask)`` for a kv_includes_queries block, given the affine-free normed media."""
+def _resampler_layer(
+    layer: CrossAttentionBlock, latents: Tensor, media_kv: tuple[Tensor, Tensor], mask: Tensor | None
+) -> Tensor:
+    """``layer(latents, media, mask)`` for a kv_includes_queries block, given the media's keys/values."""
     q = layer.norm_q(latents)
-    latents = latents + layer.attn(q, q, mask, prefix_kv=_media_kv(layer, media_hat))
+    latents = latents + layer.attn(q, q, mask, prefix_kv=media_kv)
     return latents + layer.ff(layer.norm_ff(latents))
 
 
@@ -229,6 +246,18 @@ def _normalize_without_affine(norm: nn.Module, x: Tensor) -> Tensor:
     raise TypeError(f"PerceiverResampler: unsupported norm {type(norm).__name__}")
 
 
+def _folded_kv_weights(layer: CrossAttentionBlock) -> tuple[Tensor, Tensor | None]:
+    """``to_kv`` with ``norm_kv``'s affine folded in: to_kv(x̂·w + b) = x̂ (W·w)ᵀ + (W b + c)."""
+    norm, proj = layer.norm_kv, layer.attn.to_kv
+    weight = proj.weight if norm.weight is None else proj.weight * norm.weight  # (Hkv*(dh+dv), D)
+    bias = proj.bias
+    norm_bias = getattr(norm, "bias", None)
+    if norm_bias is not None:
+        shift = F.linear(norm_bias, proj.weight)  # W b: (Hkv*(dh+dv),)
+        bias = shift if bias is None else bias + shift
+    return weight, bias
+
+
 def _media_kv(layer: CrossAttentionBlock, media_hat: Tensor) -> tuple[Tensor, Tensor]:
     """Keys/values of ``norm_kv(media)`` with the norm's affine folded into ``to_kv``.
 
@@ -238,13 +267,78 @@ def _media_kv(layer: CrossAttentionBlock, media_hat: Tensor) -> tuple[Tensor, Te
     norm, proj = layer.norm_kv, layer.attn.to_kv
     if type(proj) is not nn.Linear:  # e.g. an int8 dynamically quantized Linear: apply the affine, then it
         return layer.attn.split_kv(proj(_apply_affine(norm, media_hat)))
-    weight = proj.weight if norm.weight is None else proj.weight * norm.weight  # (Hkv*(dh+dv), D)
-    bias = proj.bias
-    norm_bias = getattr(norm, "bias", None)
-    if norm_bias is not None:
-        shift = F.linear(norm_bias, proj.weight)  # W b: (Hkv*(dh+dv),)
-        bias = shift if bias is None else bias + shift
-    return layer.attn.split_kv(F.linear(media_hat, weight, bias))
+    return layer.attn.split_kv(F.linear(media_hat, *_folded_kv_weights(layer)))
+
+
+def _embedded_media_kv(layers, media: Tensor, pos_media: Tensor | None, pos_seq: Tensor | None) -> tuple[Tensor, ...]:
+    """Every layer's media keys/values (M, S, Hkv*(dh+dv)) from frozen media plus learned embeddings."""
+    norm = layers[0].norm_kv
+    params = [p for layer in layers for p in _folded_kv_weights(layer)]
+    return _EmbeddedMediaKV.apply(media, pos_media, pos_seq, isinstance(norm, nn.RMSNorm), norm.eps, *params)
+
+
+class _EmbeddedMediaKV(torch.autograd.Function):
+    """kv_l = norm(media + pos_media + pos_seq) W_lᵀ + b_l for every layer l (norm affines folded in).
+
+    Autograd would compute the media's per-patch gradient, a (rows x out x D) product per layer, only to
+    sum it into a few embedding rows. The norm's Jacobian gives those sums in closed form: per row
+    dx = (1/σ)(u - mean(u) - x̂ (x̂·u)/D) (no mean term for RMSNorm) with u = Σ_l W_lᵀ g_l, so a group's
+    sum needs only Σ g_l/σ over the group (times W_l: a group-sized product) and x̂·u = Σ_l g_l·(kv_l - b_l).
+    """
+
+    @staticmethod
+    def forward(ctx, media, pos_media, pos_seq, rms: bool, eps, *params):
+        x = media
+        for e in (pos_media, pos_seq):
+            if e is not None:
+                x = x + e
+        if rms:
+            eps = torch.finfo(x.dtype).eps if eps is None else eps
+            rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)  # (M, S, 1)
+            x_hat = x * rstd
+        else:
+            x_hat, _, rstd = torch.native_layer_norm(x, [x.shape[-1]], None, None, eps)
+        outs = tuple(F.linear(x_hat, w, b) for w, b in zip(params[0::2], params[1::2]))
+        ctx.rms, ctx.num_layers = rms, len(outs)
+        ctx.shapes = (pos_media is not None, pos_seq is not None)
+        ctx.save_for_backward(x_hat, rstd, *params, *outs)
+        return outs
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x_hat, rstd, *rest = ctx.saved_tensors
+        params, outs = rest[: 2 * ctx.num_layers], rest[2 * ctx.num_layers :]
+        has_media, has_seq = ctx.shapes
+        need_pos = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        rows = x_hat.reshape(-1, x_hat.shape[-1])  # (M*S, D)
+        param_grads, u_media, u_seq, dot = [], 0, 0, 0
+        for i, (g, out) in enumerate(zip(grads, outs)):
+            w, b = params[2 * i], params[2 * i + 1]
+            if g is None:
+                param_grads += [None, None]
+                continue
+            gw = g.reshape(-1, g.shape[-1]).T @ rows if ctx.needs_input_grad[5 + 2 * i] else None  # (out, D)
+            gb = g.sum((0, 1)) if b is not None and ctx.needs_input_grad[6 + 2 * i] else None
+            param_grads += [gw, gb]
+            if need_pos:
+                scaled = g * rstd  # (M, S, out)
+                if has_media:
+                    u_media = u_media + scaled.sum(1) @ w  # (M, D)
+                if has_seq:
+                    u_seq = u_seq + scaled.sum(0) @ w  # (S, D)
+                dot = dot + (g * (out if b is None else out - b)).sum(-1, keepdim=True)  # (M, S, 1): x̂·u
+        grad_media = grad_seq = None
+        if need_pos:
+            c = x_hat * (dot * rstd / x_hat.shape[-1])  # (M, S, D): x̂ (x̂·u) / (σ D)
+
+            def group_sum(u: Tensor, dim: int) -> Tensor:
+                if not ctx.rms:
+                    u = u - u.mean(-1, keepdim=True)
+                return u - c.sum(dim)
+
+            grad_media = group_sum(u_media, 1)[:, None, :] if has_media else None  # (M, 1, D)
+            grad_seq = group_sum(u_seq, 0)[None] if has_seq else None  # (1, S, D)
+        return (None, grad_media, grad_seq, None, None, *param_grads)
 
 
 def _apply_affine(norm: nn.Module, x_hat: Tensor) -> Tensor:

@@ -253,3 +253,31 @@ def test_int8_inference_copy_is_close_and_leaves_the_original_alone():
     assert out.shape == ref.shape
     rel = ((out - ref).norm() / ref.norm()).item()
     assert 0 < rel < 0.03, rel  # int8 weights and activations: ~1% here, stated in the benchmark
+
+
+@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_embedding_gradients_without_the_media_gradient_match_autograd(norm, masked):
+    """Frozen media + learned frame/media-time/patch embeddings take the closed-form gradient path:
+    every parameter's gradient equals plain autograd through the blocks, in float64."""
+    model = make(norm=norm, max_frames=2, max_media=3, num_patch_positions=4, out_dim=6).double()
+    x = torch.randn(2, 3, 2, 4, D, dtype=torch.float64)  # (B, T, F, P, D), no grad
+    mask = torch.rand(2, 3, 2, 4) > 0.3 if masked else None
+    weight = torch.randn(2, 3, 5, 6, dtype=torch.float64)
+    (model(x, mask) * weight).sum().backward()
+    fast = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    pos = (
+        model.frame_embeddings[None, None, :, None, :]
+        + model.media_time_embeddings[None, :, None, None, :]
+        + model.patch_position_embeddings
+    )
+    media = (x + pos).reshape(6, 8, D)
+    flat_mask = None if mask is None else mask.reshape(6, 8)
+    if flat_mask is not None:
+        media = media.masked_fill(~flat_mask[..., None], 0.0)
+    expected = block_by_block(model, media, flat_mask).reshape(2, 3, 5, 6)
+    (expected * weight).sum().backward()
+    torch.testing.assert_close(model(x, mask), expected, atol=1e-12, rtol=1e-12)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(fast[name], p.grad, atol=1e-10, rtol=1e-10, msg=lambda m, n=name: f"{n}: {m}")
