@@ -13,10 +13,12 @@ from .config import (
 from .model import VisionLanguageModel
 from .processor import IGNORE_INDEX, VLMProcessor
 from .registry import LM_FAMILIES, LMFamily
+from .vision import VisionTower
 
 __all__ = [
     "VisionLanguageModel",
     "VLMProcessor",
+    "VisionTower",
     "IGNORE_INDEX",
     "VLMConfig",
     "VisionConfig",
