@@ -111,3 +111,16 @@ def test_gates_and_blocks_train_and_round_trip(tmp_path):
     clip, _ = tiny_clip()
     loaded = VisionLanguageModel.load_adapter(tmp_path / "a", clip, tiny_lm("opt", tok), tok).eval()
     assert torch.equal(loaded(images=tiny_images(1), **batch).logits, logits)
+
+
+def test_a_deep_copy_runs_its_own_blocks():
+    model, _ = _build(every_k=1)
+    clone = copy.deepcopy(model)
+    _open_gates(clone, 1.0)  # only the copy's gates open
+    batch = model.processor(["<image>Caption:"], num_images=1)
+    images = tiny_images(1)
+    closed = model(images=images, **batch).logits
+    opened = clone(images=images, **batch).logits
+    assert not torch.equal(closed, opened)
+    _open_gates(model, 1.0)
+    torch.testing.assert_close(model(images=images, **batch).logits, opened, rtol=0, atol=0)

@@ -59,7 +59,7 @@ class GatedCrossAttention(nn.Module):
         self._media: Tensor | None = None
         self._token_image: Tensor | None = None
         self._handles = [
-            layers[i].register_forward_pre_hook(self._make_hook(block), with_kwargs=True)
+            layers[i].register_forward_pre_hook(_PreHook(self, block), with_kwargs=True)
             for i, block in zip(self.layer_indices, self.blocks)
         ]
 
@@ -85,23 +85,30 @@ class GatedCrossAttention(nn.Module):
         mask = token_image[:, :, None] == self._media_index[None, None, :]  # (B, L, T*N)
         return mask, (token_image >= 0)[:, :, None]
 
-    def _make_hook(self, block: GatedCrossAttentionBlock):
-        def hook(module, args, kwargs):
-            if self._media is None:
-                return None
-            hidden = args[0] if args else kwargs["hidden_states"]
-            media = self._media
-            if media.shape[0] != hidden.shape[0]:
-                media = media.repeat_interleave(hidden.shape[0] // media.shape[0], dim=0)
-            mask, has_media = self._mask_for(hidden)
-            out = block(hidden, media.to(hidden.device), mask.to(hidden.device), has_media.to(hidden.device))
-            if args:
-                return (out, *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": out}
-
-        return hook
+    def run_block(self, block: GatedCrossAttentionBlock, hidden: Tensor) -> Tensor:
+        """The gated block on a decoder layer's input hidden states (B, L, dim), using the set media."""
+        media = self._media
+        if media.shape[0] != hidden.shape[0]:
+            media = media.repeat_interleave(hidden.shape[0] // media.shape[0], dim=0)
+        mask, has_media = self._mask_for(hidden)
+        return block(hidden, media.to(hidden.device), mask.to(hidden.device), has_media.to(hidden.device))
 
     def remove_hooks(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+
+class _PreHook:
+    """Forward pre-hook of one decoder layer. An object rather than a closure, so ``copy.deepcopy`` and
+    pickling of the whole VLM map it to the copied blocks instead of the original ones."""
+
+    def __init__(self, owner: GatedCrossAttention, block: GatedCrossAttentionBlock) -> None:
+        self.owner, self.block = owner, block
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict):
+        if self.owner._media is None:
+            return None
+        if args:
+            return (self.owner.run_block(self.block, args[0]), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": self.owner.run_block(self.block, kwargs["hidden_states"])}
