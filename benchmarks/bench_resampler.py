@@ -195,9 +195,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     parser.add_argument("--before", action="store_true", help="also time our resampler before the speed work")
     parser.add_argument("--int8", action="store_true", help="also time the int8 dynamic-quantized forward")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--skip-fwd", action="store_true", help="only time forward+backward")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
     size = SMOKE if args.smoke else Size()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     x = torch.randn(size.batch, size.patches, size.dim)
 
@@ -216,7 +220,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     print(f"threads {torch.get_num_threads()}")
     results = {"size": asdict(size), "rows": []}
-    for mode in ("forward", "forward+backward"):
+    for mode in ("forward+backward",) if args.skip_fwd else ("forward", "forward+backward"):
         fns = {
             name: forward(calls[name]) if mode == "forward" else forward_backward(models[name], calls[name])
             for name in models
