@@ -96,7 +96,7 @@ class LMStandInConfig:
     layers: int = 2
     heads: int = 4
     intermediate_size: int = 384
-    vocab_size: int = 300  # BPE vocabulary (the captions' words each end up one token)
+    vocab_size: int = 512  # byte-level BPE: 259 bytes/specials + merges, so every caption word becomes one token
     max_position_embeddings: int = 256
     steps: int = 300
     batch_size: int = 64

@@ -241,17 +241,17 @@ def _autocast(device: torch.device, precision: str):
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
-    """Turn on activation checkpointing in the model (or its language model) if it offers it."""
-    for obj in (model, getattr(model, "lm", None), getattr(model, "language_model", None)):
-        for name in ("enable_gradient_checkpointing", "gradient_checkpointing_enable"):
-            fn = getattr(obj, name, None) if obj is not None else None
-            if callable(fn):
-                fn()
-                return
-    raise ValueError(
-        "train.gradient_checkpointing=true but the model has no gradient_checkpointing_enable(); "
-        "set train.gradient_checkpointing=false"
-    )
+    """Activation checkpointing in the model's transformers LM (``model.language_model``) or the model itself."""
+    target = getattr(model, "language_model", model)
+    enable = getattr(target, "gradient_checkpointing_enable", None)
+    if not callable(enable):
+        raise ValueError(
+            "train.gradient_checkpointing=true but the model has no gradient_checkpointing_enable(); "
+            "set train.gradient_checkpointing=false"
+        )
+    enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(target, "enable_input_require_grads"):  # checkpointed blocks need an input that requires grad
+        target.enable_input_require_grads()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -702,9 +702,12 @@ def plot_loss_curve(rows: list[dict[str, float]], path: Path) -> None:
 def _progress(start: int, config: TrainConfig, enabled: bool):
     if not enabled:
         return None
+    import sys
+
     from tqdm.auto import tqdm
 
-    return tqdm(total=config.max_steps, initial=start, desc="train", dynamic_ncols=True)
+    interval = 0.5 if sys.stderr.isatty() else 30.0  # a log file gets a line every 30 s, not every step
+    return tqdm(total=config.max_steps, initial=start, desc="train", dynamic_ncols=True, mininterval=interval)
 
 
 def _fmt(row: dict[str, float]) -> dict[str, Any]:

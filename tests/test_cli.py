@@ -1,0 +1,100 @@
+"""The command-line path end to end on the tiny config: make shards, train (overfit), eval, caption."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from vlm.cli import main_caption, main_eval, main_make_shards, main_precompute_features, main_train
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny"
+
+
+def shared_assets(root: Path) -> list[str]:
+    """Overrides that put the world, the stand-ins and the feature cache in one place for all runs."""
+    return [
+        f"shards.output_dir={root / 'data'}",
+        f"standin.dir={root / 'backbones'}",
+        f"features.output_dir={root / 'features'}",
+        "synthetic.split_sizes={train: 8, val: 8, test: 8, compositional: 8}",
+        "data.caption_choice=first",
+    ]
+
+
+@pytest.fixture(scope="module")
+def overfit_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    out = root / "run"
+    args = ["--config", str(TINY / "train.yaml"), f"output_dir={out}", *shared_assets(root)]
+    args += ["data.batch_size=8", "train.max_steps=60", "train.lr=1e-2", "train.lora_lr=1e-2", "train.warmup_steps=5"]
+    main_train(args)
+    return root, out, args
+
+
+def test_train_overfits_a_tiny_batch(overfit_run):
+    _, out, _ = overfit_run
+    losses = [float(r["loss"]) for r in csv.DictReader((out / "metrics.csv").read_text().splitlines())]
+    assert len(losses) == 60
+    assert max(losses[-5:]) < 0.1 < losses[0], (losses[:2], losses[-5:])
+    assert (out / "adapter").is_dir() and (out / "loss_curve.png").is_file()
+    assert (out / "checkpoints" / "latest").read_text() == "step_0000060"
+
+
+def test_eval_reproduces_the_overfit_captions(overfit_run, capsys):
+    _, out, args = overfit_run
+    main_eval([*args, "eval.splits=[train]", "eval.ablation=true"])
+    result = json.loads((out / "eval" / "train.json").read_text())
+    rows = result["predictions"]
+    exact = sum(r["prediction"] == r["references"][0] for r in rows)
+    assert exact >= 6, rows  # 8 training images, their first captions learned
+    assert result["metrics"]["CIDEr"] > 2 * result["metrics"]["no_image"]["CIDEr"]
+    assert (out / "eval" / "train_samples.png").is_file()
+    printed = capsys.readouterr().out
+    assert "CIDEr" in printed and "image removed" in printed
+
+
+def test_caption_command_on_image_files(overfit_run, capsys, tmp_path):
+    from vlm.data.config import SyntheticConfig
+    from vlm.data.synthetic import generate_scene
+
+    _, out, args = overfit_run
+    scene = generate_scene(SyntheticConfig(image_size=32, captions_per_image=3), "train", 0)
+    path = tmp_path / "scene.png"
+    scene.image.save(path)
+    main_caption([*args, "--images", str(path)])
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith(f"{path}: ") and len(line) > len(str(path)) + 5
+
+
+def test_make_shards_and_precompute_features_commands(tmp_path):
+    args = ["--config", str(TINY / "make_shards.yaml"), f"output_dir={tmp_path}"]
+    main_make_shards(args)
+    assert sorted(p.name for p in (tmp_path / "data").glob("train-*.tar")) == ["train-000000.tar", "train-000001.tar"]
+    args = ["--config", str(TINY / "precompute_features.yaml"), f"output_dir={tmp_path}", "standin.vision.steps=1",
+            "standin.lm.steps=1", "features.splits=[test]"]  # fmt: skip
+    main_precompute_features(args)
+    index = json.loads((tmp_path / "features" / "test-features.json").read_text())
+    assert index["feature_shape"] == [16, 32] and index["num_samples"] == 16
+
+
+def test_make_shards_from_a_folder(tmp_path):
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(3):
+        Image.new("RGB", (20, 20), (40 * i, 0, 0)).save(images / f"im{i}.png")
+    (tmp_path / "captions.csv").write_text("file,caption\nim0.png,a red thing\nim1.png,another\nim2.png,third\n")
+    main_make_shards(
+        ["--config", str(TINY / "make_shards.yaml"), f"output_dir={tmp_path}", "shards.source=folder",
+         f"shards.input_dir={images}", f"shards.captions_file={tmp_path / 'captions.csv'}", "shards.prefix=mine"]
+    )  # fmt: skip
+    assert (tmp_path / "data" / "mine-000000.tar").is_file()
+
+
+def test_bad_override_is_a_clear_error():
+    with pytest.raises(ValueError, match="train.max_stepz"):
+        main_train(["--config", str(TINY / "train.yaml"), "train.max_stepz=3"])
