@@ -6,9 +6,12 @@
 What changes: each ``nn.Linear`` becomes an `Int8Linear` whose weight is per-output-channel symmetric
 int8 and whose input is quantized per call (dynamic quantization, ``torch.ops.quantized.linear_dynamic``).
 Attention scores, softmax, norms and residuals stay fp32. Nothing else in the model changes, so every
-model built from our blocks works: `PerceiverEncoder`, `PerceiverIO`, `PerceiverResampler` (whose media
-projection multiplies ``to_kv.weight`` by the norm's affine and calls ``F.linear`` directly: `Int8Weight`
-answers those two operations with a cached int8 product, so the largest GEMM of the resampler is int8 too).
+model built from our blocks works: `PerceiverEncoder`, `PerceiverIO`, `PerceiverResampler` (its media
+keys/values, the largest GEMM, go through ``to_kv`` too; code that folds a norm affine into a weight,
+``F.linear(x, weight * w, bias)``, also stays int8: `Int8Weight` answers that with a cached int8 product).
+
+`resampler.flamingo.quantize_int8` (torch.ao ``quantize_dynamic``, resampler only) is the resampler
+engineer's earlier variant of the same idea; this module is the general one (also the Perceiver encoder).
 
 Accuracy (see tests/test_quantize.py): relative error ``max|int8 - fp32| / max|fp32|`` of the outputs is
 about 1e-2 for the resampler and the Perceiver encoder with random weights; the stated bound is

@@ -1,0 +1,425 @@
+"""The performance suite (issue 8): every side-by-side benchmark in one run, one table, JSON + Markdown + plots.
+
+    .venv/bin/python benchmarks/speed.py                       # everything, ~40-60 min on 2 shared cores
+    .venv/bin/python benchmarks/speed.py --smoke               # tiny sizes, ~2 min (checks that it all runs)
+    .venv/bin/python benchmarks/speed.py --parts gemm int8     # some parts only
+    .venv/bin/python benchmarks/speed.py --out docs            # where speed.json / speed.md / figures/ go
+
+Parts (each is its own script too; the suite calls them in one process, except B13's subprocesses):
+  gemm          measured fp32 GEMM FLOP/s of a 2048^3 torch.mm: the ceiling (benchmarks/common.py)
+  resampler     ours vs flamingo-pytorch vs Idefics2, fwd and fwd+bwd, fraction of the ceiling (bench_resampler.py)
+  perceiver_io  ours vs transformers PerceiverModel vs perceiver-pytorch at 50k inputs / 512 latents,
+                peak memory at 256k inputs (bench_perceiver_io.py)
+  int8          resampler.quantize int8 vs fp32 forward, resampler and Perceiver encoder (bench_int8.py)
+  scaling       B13: encoder time and memory vs M = 1k ... 256k vs vanilla self-attention (resampler/bench)
+  adapter       adapter training samples/s, cached features vs images through the tower (bench_adapter_throughput.py)
+  qlora         LM weight memory fp32 / 8-bit / 4-bit and a LoRA step's peak (bench_qlora_memory.py)
+
+Every part compares peers in the same process, interleaved (the machine is shared: ratios are the
+result, absolute ms drift). The goals of issue 8 are checked at the end and marked met / MISSED.
+A part that fails is reported as failed and the others still run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(ROOT))
+
+import bench_adapter_throughput  # noqa: E402
+import bench_int8  # noqa: E402
+import bench_perceiver_io  # noqa: E402
+import bench_qlora_memory  # noqa: E402
+import bench_resampler  # noqa: E402
+from common import gemm_flops  # noqa: E402
+
+PARTS = ["gemm", "resampler", "perceiver_io", "int8", "scaling", "adapter", "qlora"]
+
+
+# ----------------------------------------------------------------------------------------- parts
+
+
+def part_gemm(smoke: bool, _figures: Path) -> dict:
+    n = 512 if smoke else 2048
+    rates = [gemm_flops(n=n, repeats=5) for _ in range(3)]
+    return {"n": n, "flops": max(rates), "samples": rates}
+
+
+def part_resampler(smoke: bool, _figures: Path) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "resampler.json"
+        bench_resampler.main((["--smoke"] if smoke else []) + ["--json", str(path)])
+        result = json.loads(path.read_text())
+    rows = {(r["mode"], r["model"]): r for r in result["rows"] if "ms" in r}  # (the GEMM row has only a rate)
+    peers = [m for (mode, m) in rows if mode == "forward" and not m.startswith("ours")]
+    summary = {}
+    for mode in ("forward", "forward+backward"):
+        fastest = min(rows[(mode, p)]["ms"] for p in peers)
+        ours_ms = min(rows[(mode, m)]["ms"] for (md, m) in rows if md == mode and m.startswith("ours"))
+        summary[mode] = {
+            "ours_ms": ours_ms,
+            "fastest_peer_ms": fastest,
+            "speedup_vs_fastest_peer": fastest / ours_ms,
+            "ours_fraction_of_gemm": max(
+                rows[(mode, m)]["fraction_of_gemm"] for (md, m) in rows if md == mode and m.startswith("ours")
+            ),
+            "peer_fraction_of_gemm": {p: rows[(mode, p)]["fraction_of_gemm"] for p in peers},
+        }
+    return {"raw": result, "summary": summary}
+
+
+def part_perceiver_io(smoke: bool, figures: Path) -> dict:
+    size = bench_perceiver_io.SMOKE if smoke else bench_perceiver_io.Size()
+    result = bench_perceiver_io.run(size, repeats=3)
+    print(bench_perceiver_io.format_table(result))
+    _bar_plot(
+        figures / "speed_perceiver_io.png",
+        f"Perceiver IO, M={size.inputs}, N={size.num_latents} (ms, lower is better)",
+        {name: (row["forward_ms"], row["train_ms"]) for name, row in result["rows"].items()},
+        ("forward", "forward+backward"),
+    )
+    return result
+
+
+def part_int8(smoke: bool, figures: Path) -> dict:
+    result = bench_int8.run(bench_int8.SMOKE if smoke else bench_int8.SIZES, repeats=3)
+    print(bench_int8.format_table(result))
+    _bar_plot(
+        figures / "speed_int8.png",
+        "int8 vs fp32 forward (ms, lower is better)",
+        {kind: (r["fp32_ms"], r["int8_ms"]) for kind, r in result["models"].items()},
+        ("fp32", "int8"),
+    )
+    return result
+
+
+def part_scaling(smoke: bool, figures: Path) -> dict:
+    from resampler.bench.runner import run_task
+
+    result = run_task("scaling", "smoke" if smoke else "full", figures_dir=figures)
+    extra = result.extra
+    return {
+        "slope": result.metric,
+        "slope_m_ge_16k": extra.get("perceiver_slope_time_m_ge_16k"),
+        "largest_m": extra.get("perceiver_largest_m"),
+        "peak_rss_mb_at_largest_m": extra.get("perceiver_peak_rss_mb_at_largest_m"),
+        "target_met": result.target_met,
+        "vanilla_stopped": extra.get("vanilla_stopped"),
+        "vanilla_slopes": {k: v for k, v in extra.items() if k.startswith("vanilla") and k.endswith("_slope_time")},
+        "measurements": extra.get("measurements"),
+        "figures": result.figures,
+    }
+
+
+def part_adapter(smoke: bool, _figures: Path) -> dict:
+    result = bench_adapter_throughput.run(bench_adapter_throughput.SMOKE if smoke else bench_adapter_throughput.FULL)
+    print(bench_adapter_throughput.format_table(result))
+    return result
+
+
+def part_qlora(smoke: bool, figures: Path) -> dict:
+    result = bench_qlora_memory.run(bench_qlora_memory.SMOKE if smoke else bench_qlora_memory.LM_SIZE)
+    print(bench_qlora_memory.format_table(result))
+    labels = {"none": "fp32", "8bit": "8-bit", "4bit": "4-bit"}
+    _bar_plot(
+        figures / "speed_qlora.png",
+        "LM memory (MiB)",
+        {labels[q]: (r["total_mb"], r["train_step_peak_mb"]) for q, r in result["rows"].items()},
+        ("weights", "LoRA step peak"),
+    )
+    return result
+
+
+RUNNERS = {
+    "gemm": part_gemm,
+    "resampler": part_resampler,
+    "perceiver_io": part_perceiver_io,
+    "int8": part_int8,
+    "scaling": part_scaling,
+    "adapter": part_adapter,
+    "qlora": part_qlora,
+}
+
+
+# ----------------------------------------------------------------------------------------- goals
+
+
+def goals(results: dict) -> list[dict]:
+    """(goal, measured, target, met) rows for every issue-8 goal whose part ran."""
+    rows: list[dict] = []
+
+    def add(goal: str, value: float, target: str, met: bool, note: str = "") -> None:
+        rows.append({"goal": goal, "measured": value, "target": target, "met": bool(met), "note": note})
+
+    r = results.get("resampler", {}).get("summary")
+    if r:
+        fwd, train = r["forward"], r["forward+backward"]
+        add(
+            "resampler forward, fraction of GEMM ceiling",
+            fwd["ours_fraction_of_gemm"],
+            ">= 0.85",
+            fwd["ours_fraction_of_gemm"] >= 0.85,
+            f"peers {_fmt_dict(fwd['peer_fraction_of_gemm'])}",
+        )
+        add(
+            "resampler fwd+bwd vs fastest peer",
+            train["speedup_vs_fastest_peer"],
+            ">= 1.25x",
+            train["speedup_vs_fastest_peer"] >= 1.25,
+        )
+    p = results.get("perceiver_io", {}).get("ratios")
+    if p:
+        add(
+            "Perceiver IO fwd+bwd vs transformers",
+            p["transformers"]["train_speedup"],
+            ">= 1.5x",
+            p["transformers"]["train_speedup"] >= 1.5,
+        )
+        add(
+            "Perceiver IO fwd+bwd vs perceiver-pytorch",
+            p["perceiver-pytorch"]["train_speedup"],
+            ">= 1.3x",
+            p["perceiver-pytorch"]["train_speedup"] >= 1.3,
+        )
+        mem = p["transformers"].get("forward_memory_ratio_at_memory_inputs")
+        if mem is not None:
+            add("Perceiver IO peak memory at 256k inputs vs transformers", mem, "<= 0.5x", mem <= 0.5)
+    q = results.get("int8", {}).get("models")
+    if q:
+        for kind, row in q.items():
+            add(
+                f"int8 {kind} forward vs fp32",
+                row["speedup"],
+                ">= 1.5x, error <= tolerance",
+                row["speedup"] >= 1.5 and row["within_tolerance"],
+                f"rel. error {row['relative_error']:.1e}",
+            )
+    s = results.get("scaling")
+    if s and "slope" in s:
+        gb = (s.get("peak_rss_mb_at_largest_m") or float("nan")) / 1024
+        add(
+            "scaling: log-log slope of encoder time vs M",
+            s["slope"],
+            "<= 1.1, 256k in <= 4 GB",
+            s["target_met"],
+            f"largest M {s.get('largest_m')}, peak RSS {gb:.2f} GB",
+        )
+    a = results.get("adapter")
+    if a and "cached_speedup" in a:
+        add("adapter training: cached features vs images", a["cached_speedup"], ">= 5x", a["cached_speedup"] >= 5)
+    lm = results.get("qlora", {}).get("rows")
+    if lm:
+        ratio = lm["4bit"]["total_ratio"]
+        add(
+            "4-bit LM weights vs fp32",
+            ratio,
+            "<= 0.3x",
+            ratio <= 0.3,
+            f"decoder linears alone {lm['4bit']['linear_ratio']:.2f}x",
+        )
+    return rows
+
+
+def _fmt_dict(d: dict) -> str:
+    return ", ".join(f"{k} {v:.2f}" for k, v in d.items())
+
+
+# ----------------------------------------------------------------------------------------- output
+
+
+def _bar_plot(path: Path, title: str, groups: dict[str, tuple[float, float]], series: tuple[str, str]) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # pragma: no cover
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    names = list(groups)
+    fig, ax = plt.subplots(figsize=(max(5, 1.8 * len(names)), 3.6))
+    width = 0.38
+    for i, label in enumerate(series):
+        values = [groups[n][i] for n in names]
+        ax.bar([j + (i - 0.5) * width for j in range(len(names))], values, width, label=label)
+    ax.set_xticks(range(len(names)), names, fontsize=8, rotation=10)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _goals_plot(path: Path, rows: list[dict]) -> None:
+    """Measured / target per goal on one axis (>= 1 is met for 'at least' goals, <= 1 for 'at most')."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels, values, colors = [], [], []
+    for row in rows:
+        target = float(row["target"].split()[1].rstrip("x,"))
+        at_least = row["target"].startswith(">=")
+        score = row["measured"] / target if at_least else target / max(row["measured"], 1e-9)
+        labels.append(row["goal"])
+        values.append(score)
+        colors.append("tab:green" if row["met"] else "tab:red")
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.2))
+    ax.barh(range(len(rows)), values, color=colors)
+    ax.axvline(1.0, color="black", linewidth=1)
+    ax.set_yticks(range(len(rows)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("measured vs goal (>= 1 means met)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def format_goals(rows: list[dict]) -> str:
+    lines = [f"{'goal':58s} {'measured':>9s}  {'target':<26s} {'':6s} note"]
+    for row in rows:
+        lines.append(
+            f"{row['goal']:58s} {row['measured']:9.3g}  {row['target']:<26s} {'met' if row['met'] else 'MISSED':6s} "
+            f"{row['note']}"
+        )
+    return "\n".join(lines)
+
+
+def write_markdown(path: Path, results: dict, goal_rows: list[dict], texts: dict[str, str], meta: dict) -> None:
+    lines = [
+        "# Speed and memory (issue 8)",
+        "",
+        f"Generated by `{meta['command']}` on {meta['date']} ({meta['machine']}, {meta['threads']} threads, "
+        f"torch {meta['torch']}; the machine was shared, so ratios measured side by side in one run are the "
+        "result, absolute times drift). Re-run that command to check every number.",
+        "",
+        "## Goals",
+        "",
+        "| goal | measured | target | |",
+        "|---|---|---|---|",
+    ]
+    for row in goal_rows:
+        note = f" ({row['note']})" if row["note"] else ""
+        lines.append(
+            f"| {row['goal']} | {row['measured']:.3g}{note} | {row['target']} | {'met' if row['met'] else '**missed**'} |"
+        )
+    gemm = results.get("gemm", {}).get("flops")
+    if gemm:
+        lines += ["", f"Machine limit: fp32 GEMM {gemm / 1e9:.1f} GFLOP/s (2048^3 torch.mm, best of 3 medians)."]
+    for name, text in texts.items():
+        lines += ["", f"## {name}", "", "```", text.strip(), "```"]
+    failed = {k: v["error"] for k, v in results.items() if isinstance(v, dict) and "error" in v}
+    if failed:
+        lines += ["", "## Parts that failed", ""] + [f"- {k}: {v}" for k, v in failed.items()]
+    figures = sorted(p.name for p in (path.parent / "figures").glob("speed_*.png"))
+    if figures:
+        lines += ["", "## Figures", ""] + [f"![{f}](figures/{f})" for f in figures]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _resampler_text(result: dict) -> str:
+    raw = result["raw"]
+    lines = [f"{'mode':18s} {'model':26s} {'ms':>9s} {'ours x':>7s} {'of GEMM':>8s} {'peak MiB':>9s}"]
+    for r in raw["rows"]:
+        if "ms" not in r:
+            lines.append(f"{r['mode']:18s} {'GEMM ceiling':26s} {r['flops_per_s'] / 1e9:8.1f} GFLOP/s")
+            continue
+        speed = f"{r['speedup_vs_peer']:.2f}" if r["speedup_vs_peer"] else ""
+        lines.append(
+            f"{r['mode']:18s} {r['model']:26s} {r['ms']:9.0f} {speed:>7s} {r['fraction_of_gemm']:8.0%} "
+            f"{r['peak_mib']:9.0f}"
+        )
+    return "\n".join(lines)
+
+
+def _scaling_text(result: dict) -> str:
+    lines = [f"{'model':18s} {'M':>8s} {'seconds':>9s} {'fwd MiB':>9s}"]
+    for r in result.get("measurements") or []:
+        if "error" in r:
+            lines.append(f"{r['kind']:18s} {r['length']:8d} failed: {r['error']}")
+            continue
+        lines.append(
+            f"{r['kind']:18s} {r['length']:8d} {r['seconds']:9.3f} {r.get('forward_memory_mb', math.nan):9.0f}"
+        )
+    lines.append(f"Perceiver slope {result['slope']:.3f} (M >= 16k: {result['slope_m_ge_16k']})")
+    for kind, reason in (result.get("vanilla_stopped") or {}).items():
+        lines.append(f"{kind}: {reason}")
+    return "\n".join(lines)
+
+
+TEXT = {
+    "perceiver_io": bench_perceiver_io.format_table,
+    "int8": bench_int8.format_table,
+    "adapter": bench_adapter_throughput.format_table,
+    "qlora": bench_qlora_memory.format_table,
+    "resampler": _resampler_text,
+    "scaling": _scaling_text,
+}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks that every part runs")
+    parser.add_argument("--parts", nargs="+", default=PARTS, choices=PARTS)
+    parser.add_argument("--out", type=Path, default=ROOT / "docs", help="speed.json, speed.md and figures/ go here")
+    args = parser.parse_args(argv)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+    figures = args.out / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    results: dict = {}
+    texts: dict[str, str] = {}
+    for part in args.parts:
+        print(f"\n===== {part}", flush=True)
+        start = time.perf_counter()
+        try:
+            results[part] = RUNNERS[part](args.smoke, figures)
+            if part in TEXT:
+                texts[part] = TEXT[part](results[part])
+        except Exception as err:  # one failing part must not lose the others' numbers
+            traceback.print_exc()
+            results[part] = {"error": f"{type(err).__name__}: {err}"}
+        results[part]["wall_seconds"] = time.perf_counter() - start
+    goal_rows = goals(results)
+    meta = {
+        "command": "python benchmarks/speed.py"
+        + (" --smoke" if args.smoke else "")
+        + ("" if args.parts == PARTS else " --parts " + " ".join(args.parts)),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "smoke": args.smoke,
+    }
+    print("\n===== goals")
+    print(format_goals(goal_rows))
+    out = {"meta": meta, "goals": goal_rows, "results": results}
+    (args.out / "speed.json").write_text(json.dumps(out, indent=2, default=str))
+    if goal_rows:
+        _goals_plot(figures / "speed_goals.png", goal_rows)
+    write_markdown(args.out / "speed.md", results, goal_rows, texts, meta)
+    print(f"\nwrote {args.out / 'speed.json'}, {args.out / 'speed.md'} and {figures}/speed_*.png")
+    return out
+
+
+if __name__ == "__main__":
+    main()
