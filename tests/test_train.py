@@ -149,3 +149,37 @@ def test_epoch_loader_covers_each_epoch_once_and_reshuffles():
     second = [x for _ in range(4) for x in next(it)]
     assert sorted(first) == sorted(second) == list(range(20))
     assert first != second
+
+
+def _tiny_vlm_data(model, n=8):
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(n, 16, model.vision.width, generator=g)
+    captions = ["a small red circle on the left", "a large blue square on the right"] * (n // 2)
+    items = []
+    for i in range(n):
+        ex = model.processor.build_inputs("", captions[i], num_images=1)
+        items.append({"image_features": feats[i], **ex})
+
+    def collate_vlm(batch):
+        out = model.processor.pad([{"input_ids": b["input_ids"], "labels": b["labels"]} for b in batch])
+        out["image_features"] = torch.stack([b["image_features"] for b in batch])
+        return out
+
+    return items, collate_vlm
+
+
+def test_gradient_checkpointing_gives_the_same_training(tmp_path):
+    from vlm.testing import tiny_vlm
+
+    runs = []
+    for checkpointing in (False, True):
+        model = tiny_vlm("llama", seed=0)
+        items, collate_vlm = _tiny_vlm_data(model)
+        loader = EpochLoader(items, 4, collate_vlm, seed=0)
+        cfg = quiet(max_steps=3, gradient_checkpointing=checkpointing)
+        result = train(model, loader, cfg, tmp_path / str(checkpointing))
+        assert model.language_model.is_gradient_checkpointing == checkpointing
+        runs.append((result.losses, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}))
+    torch.testing.assert_close(torch.tensor(runs[0][0]), torch.tensor(runs[1][0]), rtol=1e-5, atol=1e-6)
+    for name, value in runs[0][1].items():
+        torch.testing.assert_close(runs[1][1][name], value, rtol=1e-5, atol=1e-6, msg=name)

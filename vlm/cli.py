@@ -416,7 +416,13 @@ def main_demo(argv: list[str] | None = None) -> None:
     model, _ = run_training(cfg)
     _log(f"trained; {time.perf_counter() - start:.1f} s so far")
     summary = run_evaluation(cfg, model)
-    _log(f"demo done in {time.perf_counter() - start:.1f} s; metrics in {cfg.out / 'eval' / 'metrics.json'}")
+    import resource
+
+    cpu = resource.getrusage(resource.RUSAGE_SELF)
+    _log(
+        f"demo done in {time.perf_counter() - start:.1f} s wall ({cpu.ru_utime + cpu.ru_stime:.1f} s CPU); "
+        f"metrics in {cfg.out / 'eval' / 'metrics.json'}"
+    )
     return summary
 
 

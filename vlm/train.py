@@ -202,7 +202,7 @@ def train(
         tick = now
         if progress is not None:
             progress.update(1)
-            progress.set_postfix(loss=f"{step_loss:.4f}")
+            progress.set_postfix(loss=f"{step_loss:.4f}", refresh=False)
         if step == end_step or (config.checkpoint_every and step % config.checkpoint_every == 0):
             save_checkpoint(out, step, trainable, optimizer, scheduler, scaler, stream, config, run_config)
     if progress is not None:

@@ -1,0 +1,29 @@
+"""The embedded default (README command one) end to end, with the issue's targets. Slow: ~10 min on 2 cores.
+
+.venv/bin/python -m pytest -m slow tests/test_embedded_default.py
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from vlm.cli import DEFAULT_CONFIG, main_demo
+
+
+@pytest.mark.slow
+def test_embedded_default_meets_its_targets(tmp_path, capsys):
+    start = time.perf_counter()
+    main_demo(["--config", str(DEFAULT_CONFIG), f"output_dir={tmp_path / 'run'}"])
+    minutes = (time.perf_counter() - start) / 60
+    metrics = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())
+    test = metrics["test"]
+    acc = test["attribute_accuracy"]
+    printed = capsys.readouterr().out
+    assert "CIDEr" in printed and "image removed" in printed and "generated" in printed
+    print(f"demo took {minutes:.1f} min; test: {json.dumps({k: v for k, v in test.items() if k != 'no_image'})}")
+    assert acc["1"]["attributes"] >= 0.90, acc["1"]  # colour, shape, position words, one-object scenes
+    assert acc["2"]["attributes"] >= 0.70, acc["2"]  # two-object scenes
+    assert test["CIDEr"] >= 2 * test["no_image"]["CIDEr"], (test["CIDEr"], test["no_image"]["CIDEr"])
