@@ -13,6 +13,8 @@ from .config import (
 from .model import VisionLanguageModel
 from .processor import IGNORE_INDEX, VLMProcessor
 from .registry import LM_FAMILIES, LMFamily
+from .run_config import EvalConfig, RunConfig
+from .train import EpochLoader, TrainConfig, train
 from .vision import VisionTower
 
 __all__ = [
@@ -31,4 +33,9 @@ __all__ = [
     "LMFamily",
     "load_component",
     "read_manifest",
+    "RunConfig",
+    "EvalConfig",
+    "TrainConfig",
+    "EpochLoader",
+    "train",
 ]
