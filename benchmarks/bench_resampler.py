@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -171,7 +172,8 @@ def bench_int8(model: torch.nn.Module, x: torch.Tensor, args) -> dict:
             out = m(x)
             errors[name] = ((out - ref).norm() / ref.norm()).item(), (out - ref).abs().max().item()
     fns = {name: forward(ours_call(m, x)) for name, m in variants.items()}
-    times = interleaved_ms(fns, warmup=args.warmup, repeats=args.repeats)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    times = interleaved_ms(fns, warmup=args.warmup, repeats=args.repeats, clock=clock)
     print("\nint8 inference (forward, ours)")
     print(f"{'variant':<26}{'ms':>9}{'spread':>8}{'x fp32':>8}{'rel err':>9}{'max err':>9}")
     rows = []
@@ -196,6 +198,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--before", action="store_true", help="also time our resampler before the speed work")
     parser.add_argument("--int8", action="store_true", help="also time the int8 dynamic-quantized forward")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="cpu = process CPU time (use with --threads 1 on a busy shared machine)",
+    )
     parser.add_argument("--skip-fwd", action="store_true", help="only time forward+backward")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
@@ -218,7 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
         ours = models["ours(flamingo-pytorch)"]
         models["before(flamingo-pytorch)"], calls["before(flamingo-pytorch)"] = ours, ours_before_call(ours, x)
 
-    print(f"threads {torch.get_num_threads()}")
+    print(f"threads {torch.get_num_threads()}, clock {args.clock}")
     results = {"size": asdict(size), "rows": []}
     for mode in ("forward+backward",) if args.skip_fwd else ("forward", "forward+backward"):
         fns = {
@@ -234,7 +242,8 @@ def main(argv: list[str] | None = None) -> dict:
         for name in fns:
             flops.setdefault(name, flops[name[name.index("(") + 1 : -1]] if "(" in name else 0)
         gemm_fn, gemm_work = gemm_workload(flops["flamingo-pytorch"] / 4, n=2048 if not args.smoke else 256)
-        times = interleaved_ms({"GEMM": gemm_fn, **fns}, warmup=args.warmup, repeats=args.repeats)
+        clock = time.process_time if args.clock == "cpu" else time.perf_counter
+        times = interleaved_ms({"GEMM": gemm_fn, **fns}, warmup=args.warmup, repeats=args.repeats, clock=clock)
         gemm = gemm_work / (times["GEMM"][0] / 1e3)
         memory = {name: float("nan") if args.no_memory else peak_memory_mb(fn) for name, fn in fns.items()}
         fastest_peer = min(times[p][0] for p in peers)

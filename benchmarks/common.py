@@ -22,10 +22,10 @@ import torch
 __all__ = ["median_ms", "interleaved_ms", "peak_memory_mb", "gemm_flops", "gemm_workload", "spread"]
 
 
-def _time_once(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
+def _time_once(fn: Callable[[], object], clock: Callable[[], float] = time.perf_counter) -> float:
+    start = clock()
     fn()
-    return (time.perf_counter() - start) * 1e3
+    return (clock() - start) * 1e3
 
 
 def median_ms(fn: Callable[[], object], warmup: int = 2, repeats: int = 5) -> tuple[float, list[float]]:
@@ -37,16 +37,23 @@ def median_ms(fn: Callable[[], object], warmup: int = 2, repeats: int = 5) -> tu
 
 
 def interleaved_ms(
-    fns: dict[str, Callable[[], object]], warmup: int = 2, repeats: int = 5
+    fns: dict[str, Callable[[], object]],
+    warmup: int = 2,
+    repeats: int = 5,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, tuple[float, list[float]]]:
-    """Median ms of each function, timed round-robin (A B C A B C ...) so load changes hit every peer."""
+    """Median ms of each function, timed round-robin (A B C A B C ...) so load changes hit every peer.
+
+    ``clock=time.process_time`` measures this process's CPU time instead of wall time: on a machine
+    shared with other jobs, with ``torch.set_num_threads(1)``, it counts only the time we actually ran.
+    """
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            samples[name].append(_time_once(fn))
+            samples[name].append(_time_once(fn, clock))
     return {name: (statistics.median(s), s) for name, s in samples.items()}
 
 

@@ -155,6 +155,7 @@ class PerceiverResampler(nn.Module):
         learned_pos_only = (
             torch.is_grad_enabled()
             and not media.requires_grad
+            and not torch.is_autocast_enabled(media.device.type)  # the closed form runs in the weights' dtype
             and any(e.requires_grad for e in pos)
             and all(type(layer.attn.to_kv) is nn.Linear for layer in self.layers)
         )
