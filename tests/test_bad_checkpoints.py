@@ -153,3 +153,53 @@ def test_loading_wrong_tensors_into_a_built_model_changes_nothing():
         with pytest.raises(ValueError, match=pattern):
             load_adapter_weights(model, bad)
         assert _same(before, _fingerprint(model))
+
+
+# ----------------------------------------------------------------------------------------------
+# Training checkpoints
+
+
+def _training_checkpoint(tmp_path):
+    from test_train import make, quiet
+
+    from vlm.train import latest_checkpoint, train
+
+    model, loader = make()
+    train(model, loader, quiet(max_steps=2), tmp_path)
+    return latest_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "damage,pattern",
+    [
+        ("cut_weights", r"trainable.safetensors is truncated or corrupt"),
+        ("drop_tensor", r"trainable.safetensors lacks .*connector"),
+        ("reshape_tensor", r"trainable.safetensors holds .* with shape"),
+        ("cut_optimizer", r"optimizer.pt is truncated or corrupt"),
+        ("cut_rng", r"rng.pt is truncated or corrupt"),
+    ],
+)
+def test_a_damaged_training_checkpoint_is_a_clear_error_and_loads_nothing(tmp_path, damage, pattern):
+    from safetensors.torch import load_file, save_file
+    from test_train import make, quiet
+
+    from vlm.train import train
+
+    ckpt = _training_checkpoint(tmp_path)
+    weights = ckpt / "trainable.safetensors"
+    if damage.startswith("cut_"):
+        target = {"cut_weights": weights, "cut_optimizer": ckpt / "optimizer.pt", "cut_rng": ckpt / "rng.pt"}[damage]
+        target.write_bytes(target.read_bytes()[:100])
+    else:
+        state = load_file(str(weights))
+        name = sorted(k for k in state if k.startswith("connector"))[0]
+        if damage == "drop_tensor":
+            del state[name]
+        else:
+            state[name] = state[name][:-1].clone()  # one row short
+        save_file(state, str(weights))
+    model, loader = make(seed=7)
+    before = _fingerprint(model)
+    with pytest.raises(ValueError, match=pattern):
+        train(model, loader, quiet(max_steps=4), tmp_path)
+    assert _same(before, _fingerprint(model))  # nothing copied before the error

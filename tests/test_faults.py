@@ -50,7 +50,8 @@ KILL_WORKER = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    import vlm.train as T
+    import importlib
+    T = importlib.import_module("vlm.train")  # the module (vlm.train is also the exported function)
     from test_faults import _config
     from test_train import make
 
@@ -234,7 +235,8 @@ PEER_WORKER = textwrap.dedent(
     import os, sys, time
     from types import SimpleNamespace
     import torch
-    import vlm.train as T
+    import importlib
+    T = importlib.import_module("vlm.train")  # the module (vlm.train is also the exported function)
     from test_train import make, quiet
 
     rank, fault = int(os.environ["RANK"]), sys.argv[2]

@@ -98,7 +98,7 @@ def test_every_torch_load_uses_weights_only_and_numpy_never_unpickles():
             if name in ("pd.read_pickle", "pandas.read_pickle", "torch.jit.load"):
                 found.append(f"{path}:{node.lineno} {name}")
     assert not found, found
-    assert loads >= 2  # the training checkpoint's optimizer and RNG state: the scan sees them
+    assert loads >= 1  # the training checkpoint's optimizer and RNG state: the scan sees the loader
 
 
 def test_weights_are_written_as_safetensors_only():

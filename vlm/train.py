@@ -471,17 +471,45 @@ def _load_checkpoint(path: Path, trainable, optimizer, scheduler, scaler, stream
     if state["trainable"] != sorted(trainable):
         missing = set(state["trainable"]) ^ set(trainable)
         raise ValueError(f"resume: trainable parameters differ from checkpoint {path}: {sorted(missing)[:5]}...")
-    weights = load_file(str(path / "trainable.safetensors"))
+    # Read and check every file before changing anything: a damaged checkpoint loads nothing.
+    weights = _read_checkpoint_file(path / "trainable.safetensors", lambda f: load_file(str(f)))
+    for name, p in trainable.items():
+        if name not in weights:
+            raise ValueError(f"resume: {path}/trainable.safetensors lacks {name!r}; the checkpoint is damaged")
+        if weights[name].shape != p.shape:
+            raise ValueError(
+                f"resume: {path}/trainable.safetensors holds {name!r} with shape {tuple(weights[name].shape)}, "
+                f"the model has {tuple(p.shape)}"
+            )
+    opt = _read_checkpoint_file(path / "optimizer.pt", _safe_torch_load)
+    rng = _read_checkpoint_file(path / "rng.pt", _safe_torch_load)
     with torch.no_grad():
         for name, p in trainable.items():
             p.copy_(weights[name].to(p.device, p.dtype))
-    opt = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(opt["optimizer"])
     scheduler.load_state_dict(opt["scheduler"])
     scaler.load_state_dict(opt["scaler"])
     stream.load_state_dict(state["data"][_rank()])
-    _set_rng_state(torch.load(path / "rng.pt", map_location="cpu", weights_only=True)[_rank()])
+    _set_rng_state(rng[_rank()])
     return int(state["step"])
+
+
+def _safe_torch_load(path: Path) -> Any:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _read_checkpoint_file(path: Path, read) -> Any:
+    """``read(path)``; a cut or corrupt file becomes a ValueError naming it (a pickle that would run
+    code still fails loudly as ``pickle.UnpicklingError``, from ``weights_only=True``)."""
+    from safetensors import SafetensorError
+
+    try:
+        return read(path)
+    except (SafetensorError, RuntimeError, EOFError, OSError) as err:
+        raise ValueError(
+            f"resume: {path} is truncated or corrupt ({str(err).splitlines()[0][:200]}); nothing was loaded. "
+            f"Delete {path.parent} to resume from the checkpoint before it."
+        ) from None
 
 
 def _atomic_write(path: Path, text: str) -> None:
