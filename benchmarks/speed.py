@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/speed.py --smoke               # tiny sizes, ~2 min (checks that it all runs)
     .venv/bin/python benchmarks/speed.py --parts gemm int8     # some parts only
     .venv/bin/python benchmarks/speed.py --out docs            # where speed.json / speed.md / figures/ go
+    .venv/bin/python benchmarks/speed.py --parts scaling --merge   # re-run one part, keep the rest
 
 Parts (each is its own script too; the suite calls them in one process, except B13's subprocesses):
   gemm          measured fp32 GEMM FLOP/s of a 2048^3 torch.mm: the ceiling (benchmarks/common.py)
@@ -108,20 +109,34 @@ def part_int8(smoke: bool, figures: Path) -> dict:
 
 
 def part_scaling(smoke: bool, figures: Path) -> dict:
-    from resampler.bench.runner import run_task
+    """B13 in a fresh interpreter: its per-M subprocesses read ``ru_maxrss``, which Linux carries over
+    ``fork`` + ``exec`` from the parent, so forking them from this (by now multi-GB) process would
+    report this process's peak as theirs."""
+    import subprocess
 
-    result = run_task("scaling", "smoke" if smoke else "full", figures_dir=figures)
-    extra = result.extra
+    code = (
+        "import json, sys; from pathlib import Path; from resampler.bench.runner import run_task; "
+        f"r = run_task('scaling', {'smoke' if smoke else 'full'!r}, figures_dir=Path({str(figures)!r})); "
+        "print('@@RESULT@@' + json.dumps({'metric': r.metric, 'target_met': r.target_met, 'extra': r.extra, "
+        "'figures': r.figures}, default=str))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False)
+    print(proc.stdout[-4000:], flush=True)
+    marker = [line for line in proc.stdout.splitlines() if line.startswith("@@RESULT@@")]
+    if proc.returncode != 0 or not marker:
+        raise RuntimeError(f"B13 scaling failed: {proc.stderr.strip().splitlines()[-1:]}")
+    result = json.loads(marker[-1][len("@@RESULT@@") :])
+    extra = result["extra"]
     return {
-        "slope": result.metric,
+        "slope": result["metric"],
         "slope_m_ge_16k": extra.get("perceiver_slope_time_m_ge_16k"),
         "largest_m": extra.get("perceiver_largest_m"),
         "peak_rss_mb_at_largest_m": extra.get("perceiver_peak_rss_mb_at_largest_m"),
-        "target_met": result.target_met,
+        "target_met": result["target_met"],
         "vanilla_stopped": extra.get("vanilla_stopped"),
         "vanilla_slopes": {k: v for k, v in extra.items() if k.startswith("vanilla") and k.endswith("_slope_time")},
         "measurements": extra.get("measurements"),
-        "figures": result.figures,
+        "figures": result["figures"],
     }
 
 
@@ -378,6 +393,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks that every part runs")
     parser.add_argument("--parts", nargs="+", default=PARTS, choices=PARTS)
     parser.add_argument("--out", type=Path, default=ROOT / "docs", help="speed.json, speed.md and figures/ go here")
+    parser.add_argument("--merge", action="store_true", help="keep the other parts' results from an earlier speed.json")
     args = parser.parse_args(argv)
     try:
         from transformers.utils import logging as hf_logging
@@ -389,10 +405,14 @@ def main(argv: list[str] | None = None) -> dict:
     figures.mkdir(parents=True, exist_ok=True)
     results: dict = {}
     texts: dict[str, str] = {}
+    if args.merge and (args.out / "speed.json").exists():  # re-run some parts, keep the others' numbers
+        results = {k: v for k, v in json.loads((args.out / "speed.json").read_text())["results"].items()}
+        texts = {k: TEXT[k](v) for k, v in results.items() if k in TEXT and "error" not in v}
     meta = {
         "command": "python benchmarks/speed.py"
         + (" --smoke" if args.smoke else "")
-        + ("" if args.parts == PARTS else " --parts " + " ".join(args.parts)),
+        + ("" if args.parts == PARTS else " --parts " + " ".join(args.parts))
+        + (" --merge (other parts from the earlier run)" if args.merge else ""),
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
