@@ -204,6 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
         default="wall",
         help="cpu = process CPU time (use with --threads 1 on a busy shared machine)",
     )
+    parser.add_argument("--memory-only", action="store_true", help="only the peak-memory runs")
     parser.add_argument("--skip-fwd", action="store_true", help="only time forward+backward")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
@@ -242,10 +243,18 @@ def main(argv: list[str] | None = None) -> dict:
         for name in fns:
             flops.setdefault(name, flops[name[name.index("(") + 1 : -1]] if "(" in name else 0)
         gemm_fn, gemm_work = gemm_workload(flops["flamingo-pytorch"] / 4, n=2048 if not args.smoke else 256)
+        memory = {
+            name: float("nan")
+            if args.no_memory
+            else peak_memory_mb(fn, lambda m=models[name]: m.zero_grad(set_to_none=True))
+            for name, fn in fns.items()
+        }
+        if args.memory_only:
+            print(f"\n{mode}: peak MiB " + ", ".join(f"{n} {v:.0f}" for n, v in memory.items()))
+            continue
         clock = time.process_time if args.clock == "cpu" else time.perf_counter
         times = interleaved_ms({"GEMM": gemm_fn, **fns}, warmup=args.warmup, repeats=args.repeats, clock=clock)
         gemm = gemm_work / (times["GEMM"][0] / 1e3)
-        memory = {name: float("nan") if args.no_memory else peak_memory_mb(fn) for name, fn in fns.items()}
         fastest_peer = min(times[p][0] for p in peers)
         print(f"\n{mode}  (B={size.batch}, P={size.patches}, D={size.dim}, depth={size.depth})")
         print(

@@ -63,8 +63,15 @@ def spread(samples: list[float]) -> float:
     return (max(samples) - min(samples)) / med if med else 0.0
 
 
-def peak_memory_mb(fn: Callable[[], object]) -> float:
-    """Peak memory allocated by torch while ``fn()`` runs, in MiB (CUDA allocator stats or CPU profiler)."""
+def peak_memory_mb(fn: Callable[[], object], setup: Callable[[], object] | None = None) -> float:
+    """Peak memory allocated by torch while ``fn()`` runs, in MiB (CUDA allocator stats or CPU profiler).
+
+    ``setup()`` runs first, outside the measurement: use it to free what ``fn`` would otherwise free
+    (e.g. ``model.zero_grad(set_to_none=True)``), since freeing memory allocated before the profiler
+    started would hide allocations that reuse it.
+    """
+    if setup is not None:
+        setup()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.reset_peak_memory_stats()
         fn()
