@@ -12,7 +12,7 @@ from .decoders import (
     PerceiverDecoder,
     ProjectionDecoder,
 )
-from .flamingo import PerceiverResampler
+from .flamingo import PerceiverResampler, quantize_int8
 from .perceiver import PerceiverClassifier, PerceiverEncoder, PerceiverEncoderConfig
 from .perceiver_ar import PerceiverAR, PerceiverARConfig
 from .perceiver_io import PerceiverIO, PerceiverMaskedLM, PerceiverMultimodalAutoencoder, PerceiverOpticalFlow
@@ -44,6 +44,7 @@ __all__ = [
     "SelfAttentionBlock",
     "make_norm",
     "PerceiverResampler",
+    "quantize_int8",
     "PerceiverEncoderConfig",
     "PerceiverEncoder",
     "PerceiverClassifier",
