@@ -29,7 +29,7 @@ def overfit_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     out = root / "run"
     args = ["--config", str(TINY / "train.yaml"), f"output_dir={out}", *shared_assets(root)]
-    args += ["data.batch_size=8", "train.max_steps=60", "train.lr=1e-2", "train.lora_lr=1e-2", "train.warmup_steps=5"]
+    args += ["data.batch_size=8", "train.max_steps=200", "train.lr=1e-2", "train.lora_lr=1e-2", "train.warmup_steps=5"]
     main_train(args)
     return root, out, args
 
@@ -37,10 +37,10 @@ def overfit_run(tmp_path_factory):
 def test_train_overfits_a_tiny_batch(overfit_run):
     _, out, _ = overfit_run
     losses = [float(r["loss"]) for r in csv.DictReader((out / "metrics.csv").read_text().splitlines())]
-    assert len(losses) == 60
+    assert len(losses) == 200
     assert max(losses[-5:]) < 0.1 < losses[0], (losses[:2], losses[-5:])
     assert (out / "adapter").is_dir() and (out / "loss_curve.png").is_file()
-    assert (out / "checkpoints" / "latest").read_text() == "step_0000060"
+    assert (out / "checkpoints" / "latest").read_text() == "step_0000200"
 
 
 def test_eval_reproduces_the_overfit_captions(overfit_run, capsys):
@@ -49,7 +49,7 @@ def test_eval_reproduces_the_overfit_captions(overfit_run, capsys):
     result = json.loads((out / "eval" / "train.json").read_text())
     rows = result["predictions"]
     exact = sum(r["prediction"] == r["references"][0] for r in rows)
-    assert exact >= 6, rows  # 8 training images, their first captions learned
+    assert exact >= 7, rows  # 8 training images, their first captions learned
     assert result["metrics"]["CIDEr"] > 2 * result["metrics"]["no_image"]["CIDEr"]
     assert (out / "eval" / "train_samples.png").is_file()
     printed = capsys.readouterr().out
