@@ -8,18 +8,8 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 
 from resampler.bench import run_task
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The CLI's default; restored afterwards so other tests keep torch's own setting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_b1_digits_learns():

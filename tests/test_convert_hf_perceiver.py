@@ -17,15 +17,6 @@ warnings.filterwarnings("ignore", category=UserWarning)
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: a second thread costs more than it saves, and thrashes on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _config(**overrides) -> PerceiverConfig:
     base = {
         "num_latents": 6,

@@ -7,15 +7,6 @@ from resampler.perceiver import PerceiverClassifier, PerceiverEncoder, Perceiver
 from resampler.position import fourier_feature_dim, fourier_features, linear_positions
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: a second thread costs more than it saves, and thrashes on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _config(**overrides) -> PerceiverEncoderConfig:
     base = {
         "input_dim": 12,

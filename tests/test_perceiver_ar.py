@@ -6,15 +6,6 @@ import torch
 from resampler.perceiver_ar import PerceiverAR, PerceiverARCache, PerceiverARConfig
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: a second thread costs more than it saves, and thrashes on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _model(**overrides) -> PerceiverAR:
     base = {"vocab_size": 40, "max_seq_len": 64, "num_latents": 6, "dim": 32, "depth": 3, "heads": 4}
     base.update(overrides)

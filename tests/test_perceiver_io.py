@@ -28,15 +28,6 @@ ENC = {"num_latents": 5, "latent_dim": 16, "num_self_attends_per_block": 2, "sel
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: a second thread costs more than it saves, and thrashes on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _io(queries="fourier", chunk_size=None, input_dim=10, **enc) -> PerceiverIO:
     source = {
         "fourier": FourierQueries((4, 6), 3, project_dim=12),

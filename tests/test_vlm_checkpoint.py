@@ -28,14 +28,6 @@ from vlm.testing import tiny_clip, tiny_images, tiny_lm, tiny_parts, tiny_tokeni
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _perturb(model, seed=0):
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():

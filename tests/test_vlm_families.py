@@ -36,14 +36,6 @@ REQUIRED = (
 XATTN = dict(mode="cross_attention", every_k_layers=1, xattn_heads=2, xattn_head_dim=8)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _perturb(model, seed=0):
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -22,17 +22,8 @@ def _perturb(model, scale=0.3, seed=0):
     return model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls on a shared 2-core machine run ~50x faster on one thread than on two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
-def model(one_thread):
+def model():
     return _perturb(tiny_vlm("llama")).eval()
 
 

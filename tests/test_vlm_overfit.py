@@ -3,7 +3,6 @@ greedy captions reproduce the training captions, and follow the images when they
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from vlm import LoRAConfig, VisionLanguageModel
@@ -15,14 +14,6 @@ CAPTIONS = [
     "a green triangle in the middle",
     "two yellow stars at the top",
 ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_overfit_four_pairs_then_caption_them():

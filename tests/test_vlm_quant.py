@@ -10,15 +10,6 @@ from torch import nn
 from vlm import LMConfig, VisionConfig, VisionLanguageModel
 from vlm.testing import register_tiny_clip, tiny_clip, tiny_images, tiny_lm, tiny_tokenizer, tiny_vlm_config
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # bitsandbytes' CPU 4-bit kernels need in_features >= their block size (64): hidden 64 for 4-bit.
 # (4-bit families with biased linears, e.g. gpt2/qwen2, hit an in-place bias error inside
 # bitsandbytes 0.50's CPU matmul_4bit, so the 4-bit cases use bias-free families.)

@@ -11,14 +11,6 @@ from vlm import InjectionConfig, LoRAConfig, VisionLanguageModel
 from vlm.testing import tiny_clip, tiny_images, tiny_lm, tiny_tokenizer, tiny_vlm_config
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _build(family="llama", lora=False, every_k=1):
     """(VLM in cross_attention mode, an untouched copy of its base LM)."""
     tok = tiny_tokenizer()
