@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 from dataclasses import replace
@@ -329,19 +328,9 @@ def _parse(argv, description: str, default: Path | None = None, extra=None) -> t
         extra(parser)
     parser.add_argument("overrides", nargs="*", help="section.field=value, e.g. train.max_steps=100")
     args = parser.parse_args(argv)
-    overrides = [_yaml_float(o) for o in args.overrides]
+    overrides = list(args.overrides)
     cfg = load_config(RunConfig, args.config, overrides) if args.config else parse_cli(RunConfig, overrides)
     return cfg, args
-
-
-_EXPONENT_FLOAT = re.compile(r"^([+-]?\d+)([eE][+-]?\d+)$")
-
-
-def _yaml_float(override: str) -> str:
-    """``train.lr=1e-4`` -> ``train.lr=1.0e-4``: YAML 1.1 reads ``1e-4`` as a string, users mean a number."""
-    key, sep, value = override.partition("=")
-    match = _EXPONENT_FLOAT.match(value.strip())
-    return f"{key}={match.group(1)}.0{match.group(2)}" if sep and match else override
 
 
 def main_make_shards(argv: list[str] | None = None) -> None:
