@@ -12,7 +12,7 @@ from .decoders import (
     PerceiverDecoder,
     ProjectionDecoder,
 )
-from .flamingo import PerceiverResampler, quantize_int8
+from .flamingo import PerceiverResampler
 from .perceiver import PerceiverClassifier, PerceiverEncoder, PerceiverEncoderConfig
 from .perceiver_ar import PerceiverAR, PerceiverARConfig
 from .perceiver_io import PerceiverIO, PerceiverMaskedLM, PerceiverMultimodalAutoencoder, PerceiverOpticalFlow
@@ -31,6 +31,7 @@ from .preprocessors import (
     PointCloudPreprocessor,
     TextPreprocessor,
 )
+from .quantize import quantize_int8
 from .tokenizer import ByteTokenizer
 
 __version__ = "0.1.0"

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from .blocks import CrossAttentionBlock, make_norm
 
-__all__ = ["PerceiverResampler", "quantize_int8"]
+__all__ = ["PerceiverResampler"]
 
 
 class PerceiverResampler(nn.Module):
@@ -346,25 +346,3 @@ def _apply_affine(norm: nn.Module, x_hat: Tensor) -> Tensor:
     if norm.weight is not None:
         x_hat = x_hat * norm.weight
     return x_hat if getattr(norm, "bias", None) is None else x_hat + norm.bias
-
-
-def quantize_int8(model: PerceiverResampler, per_channel: bool = True) -> PerceiverResampler:
-    """An int8 inference copy: the Linear layers dynamically quantized (int8 weights, activations quantized
-    per call), for CPU (fbgemm/x86 use VNNI where the CPU has it). Norms, softmax and embeddings stay fp32.
-
-    ``per_channel=True`` quantizes each output row with its own scale (smaller error, same speed).
-    The copy is for inference (no gradients); the original model is left untouched.
-    """
-    import copy
-
-    from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_qconfig, quantize_dynamic
-
-    qconfig = per_channel_dynamic_qconfig if per_channel else default_dynamic_qconfig
-    # The query projections stay fp32: they are small (N rows) and `Attention` reads their weight's
-    # dtype/device to check its inputs.
-    spec = {
-        name: qconfig
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and not name.endswith("attn.to_q")
-    }
-    return quantize_dynamic(copy.deepcopy(model).eval(), spec, dtype=torch.qint8)
