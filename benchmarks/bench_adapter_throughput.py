@@ -21,7 +21,6 @@ Expected on 2 shared cores: cached ~5-10x the image path (the frozen ViT-B/32 fo
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import interleaved_ms, spread  # noqa: E402
+from common import interleaved_ms, report, spread  # noqa: E402
 
 from vlm.config import ResamplerConfig, VisionConfig  # noqa: E402
 from vlm.model import VisionLanguageModel  # noqa: E402
@@ -163,11 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     result = run(SMOKE if args.smoke else FULL, repeats=args.repeats)
-    print(format_table(result))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
-    return result
+    return report(result, format_table(result), args.json)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ relative error ~1e-2.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import interleaved_ms, spread  # noqa: E402
+from common import interleaved_ms, report, spread  # noqa: E402
 
 from resampler.flamingo import PerceiverResampler  # noqa: E402
 from resampler.perceiver import PerceiverEncoder, PerceiverEncoderConfig  # noqa: E402
@@ -120,11 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     result = run(SMOKE if args.smoke else SIZES, repeats=args.repeats)
-    print(format_table(result))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
-    return result
+    return report(result, format_table(result), args.json)
 
 
 if __name__ == "__main__":

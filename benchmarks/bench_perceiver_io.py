@@ -23,7 +23,6 @@ forward peak memory at 256k inputs well under half of transformers' (no (N x M) 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import interleaved_ms, peak_memory_mb, spread  # noqa: E402
+from common import interleaved_ms, peak_memory_mb, report, spread  # noqa: E402
 
 from resampler.convert import from_hf_perceiver  # noqa: E402
 from resampler.convert.perceiver_pytorch import from_perceiver_pytorch  # noqa: E402
@@ -244,11 +243,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.inputs:
         size.inputs = args.inputs
     result = run(size, repeats=args.repeats, memory=not args.no_memory, input_grad=args.input_grad)
-    print(format_table(result))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
-    return result
+    return report(result, format_table(result), args.json)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ peak shrinks less (activations and the fp32 embeddings do not change).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -33,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import peak_memory_mb  # noqa: E402
+from common import peak_memory_mb, report  # noqa: E402
 
 from vlm.config import LMConfig, LoRAConfig  # noqa: E402
 from vlm.language import apply_lora, load_language_model  # noqa: E402
@@ -174,11 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     hf_logging.disable_progress_bar()
     result = run(SMOKE if args.smoke else LM_SIZE)
-    print(format_table(result))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
-    return result
+    return report(result, format_table(result), args.json)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["median_ms", "interleaved_ms", "peak_memory_mb", "gemm_flops", "gemm_workload", "spread"]
+__all__ = ["report", "median_ms", "interleaved_ms", "peak_memory_mb", "gemm_flops", "gemm_workload", "spread"]
 
 
 def _time_once(fn: Callable[[], object], clock: Callable[[], float] = time.perf_counter) -> float:
@@ -115,3 +115,16 @@ def gemm_workload(flops: float, n: int = 2048) -> tuple[Callable[[], object], fl
             torch.mm(a, b)
 
     return run, 2.0 * n**3 * k
+
+
+def report(result: dict, table: str, json_path=None) -> dict:
+    """Print a benchmark's table and, if asked, write its result as JSON (creating the folder)."""
+    import json
+    from pathlib import Path
+
+    print(table)
+    if json_path is not None:
+        path = Path(json_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2))
+    return result
