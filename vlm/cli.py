@@ -330,6 +330,8 @@ def _parse(argv, description: str, default: Path | None = None, extra=None) -> t
     args = parser.parse_args(argv)
     overrides = list(args.overrides)
     cfg = load_config(RunConfig, args.config, overrides) if args.config else parse_cli(RunConfig, overrides)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     return cfg, args
 
 

@@ -96,10 +96,15 @@ class RunConfig:
     make_synthetic: bool = False  # write the synthetic world to <output_dir>/data first (if not there yet)
     output_dir: str = "runs/default"
     seed: int = 0
+    # torch CPU threads for this run; 0 keeps torch's default. Tiny models train no slower on one thread,
+    # and on a shared machine two contending threads ran a tiny VLM step ~50x slower than one.
+    threads: int = 0
 
     def __post_init__(self) -> None:
         if not self.output_dir:
             raise ValueError("output_dir must be a directory path")
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0 (0 = torch's default), got {self.threads}")
 
     @property
     def out(self) -> Path:
