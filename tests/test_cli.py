@@ -98,3 +98,24 @@ def test_make_shards_from_a_folder(tmp_path):
 def test_bad_override_is_a_clear_error():
     with pytest.raises(ValueError, match="train.max_stepz"):
         main_train(["--config", str(TINY / "train.yaml"), "train.max_stepz=3"])
+
+
+def test_demo_console_script_exits_zero_and_reports(tmp_path):
+    """README command one goes through the installed console script: it must exit 0 and print the metrics."""
+    import subprocess
+    import sys
+
+    script = Path(sys.executable).parent / "pvlm-demo"
+    if not script.exists():
+        pytest.skip(f"console script not installed next to {sys.executable} (run scripts/install.sh)")
+    config = Path(__file__).resolve().parents[1] / "configs" / "tiny" / "demo.yaml"
+    proc = subprocess.run(
+        [str(script), "--config", str(config), f"output_dir={tmp_path / 'run'}"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "CIDEr" in proc.stdout and "image removed" in proc.stdout
+    assert (tmp_path / "run" / "eval" / "metrics.json").exists()

@@ -406,7 +406,7 @@ def main_demo(argv: list[str] | None = None) -> None:
     _log(f"prepared in {time.perf_counter() - start:.1f} s")
     model, _ = run_training(cfg)
     _log(f"trained; {time.perf_counter() - start:.1f} s so far")
-    summary = run_evaluation(cfg, model)
+    run_evaluation(cfg, model)
     import resource
 
     cpu = resource.getrusage(resource.RUSAGE_SELF)
@@ -414,7 +414,6 @@ def main_demo(argv: list[str] | None = None) -> None:
         f"demo done in {time.perf_counter() - start:.1f} s wall ({cpu.ru_utime + cpu.ru_stime:.1f} s CPU); "
         f"metrics in {cfg.out / 'eval' / 'metrics.json'}"
     )
-    return summary
 
 
 # ----------------------------------------------------------------------------------------------
