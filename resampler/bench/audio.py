@@ -22,11 +22,11 @@ from ..preprocessors import AudioPreprocessor
 from .common import (
     RunContext,
     TaskResult,
-    count_parameters,
     mean_average_precision,
     predict_in_batches,
     save_curve_plot,
     train_model,
+    training_facts,
 )
 from .config import BenchConfig
 from .models import make_classifier
@@ -128,11 +128,7 @@ def run(cfg: BenchConfig, ctx: RunContext) -> TaskResult:
         baseline=baseline,
         target=TARGET,
         target_met=m_ap >= 0.80,
-        parameters=count_parameters(model),
-        train_seconds=stats.seconds,
-        throughput=stats.throughput,
-        curve=stats.curve,
-        figures=[fig] if fig else [],
+        **training_facts(model, stats, [fig]),
         extra={"samples": cfg.data.length, "patches": train_x.shape[1], "per_class_ap": per_class},
     )
 

@@ -41,7 +41,16 @@ from ..perceiver_io import PerceiverMaskedLM
 from ..position import FourierPositionEncoding
 from ..preprocessors import Preprocessed, TextPreprocessor
 from ..tokenizer import ByteTokenizer
-from .common import RunContext, TaskResult, accuracy, count_parameters, predict_in_batches, save_curve_plot, train_model
+from .common import (
+    RunContext,
+    TaskResult,
+    accuracy,
+    majority_baseline,
+    predict_in_batches,
+    save_curve_plot,
+    train_model,
+    training_facts,
+)
 from .config import BenchConfig
 from .models import encoder_config, make_classifier
 
@@ -156,11 +165,7 @@ def run_mlm(cfg: BenchConfig, ctx: RunContext) -> TaskResult:
         baseline=unigram,
         target=MLM_TARGET,
         target_met=acc >= 3 * unigram,
-        parameters=count_parameters(model),
-        train_seconds=stats.seconds,
-        throughput=stats.throughput,
-        curve=stats.curve,
-        figures=[fig] if fig else [],
+        **training_facts(model, stats, [fig]),
         extra={
             "ratio_to_unigram": acc / unigram if unigram else None,
             "most_frequent_byte": tok.decode([int(counts.argmax())]),
@@ -221,14 +226,10 @@ def run_classify(cfg: BenchConfig, ctx: RunContext) -> TaskResult:
         metric_name="test accuracy",
         metric=acc,
         baseline_name="majority",
-        baseline=float((test_y == torch.bincount(train_y).argmax()).float().mean()),
+        baseline=majority_baseline(train_y, test_y),
         target=CLS_TARGET,
         target_met=acc >= 0.90,
-        parameters=count_parameters(model),
-        train_seconds=stats.seconds,
-        throughput=stats.throughput,
-        curve=stats.curve,
-        figures=[fig] if fig else [],
+        **training_facts(model, stats, [fig]),
         extra={"classes": list(names), "bytes_per_example": cfg.data.length},
     )
 

@@ -82,6 +82,22 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def majority_baseline(train_y: torch.Tensor, test_y: torch.Tensor) -> float:
+    """Accuracy on ``test_y`` of always predicting the most frequent training label."""
+    return float((test_y == torch.bincount(train_y).argmax()).float().mean())
+
+
+def training_facts(model: nn.Module, stats, figures: list[str | None] = ()) -> dict[str, Any]:
+    """The `TaskResult` fields every trained task reports: size, time, throughput, curve, figures."""
+    return {
+        "parameters": count_parameters(model),
+        "train_seconds": stats.seconds,
+        "throughput": stats.throughput,
+        "curve": stats.curve,
+        "figures": [f for f in figures if f],
+    }
+
+
 def batches(num_examples: int, batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:
     """Endless shuffled index batches (a new permutation each epoch)."""
     if num_examples <= 0:

@@ -29,10 +29,11 @@ from .common import (
     RunContext,
     TaskResult,
     accuracy,
-    count_parameters,
+    majority_baseline,
     predict_in_batches,
     save_curve_plot,
     train_model,
+    training_facts,
 )
 from .config import BenchConfig
 from .models import make_classifier
@@ -91,10 +92,6 @@ def train_perceiver(
     return model, stats, test_logits()
 
 
-def majority_baseline(train_y: Tensor, test_y: Tensor) -> float:
-    return float((test_y == torch.bincount(train_y).argmax()).float().mean())
-
-
 def run_digits(cfg: BenchConfig, ctx: RunContext) -> TaskResult:
     data = load_digit_images(cfg)
     nb, copies = cfg.model.num_bands, int(cfg.data.options.get("value_copies", 8))
@@ -111,11 +108,7 @@ def run_digits(cfg: BenchConfig, ctx: RunContext) -> TaskResult:
         baseline=majority_baseline(data["train_labels"], data["test_labels"]),
         target=B1_TARGET,
         target_met=acc >= 0.96,
-        parameters=count_parameters(model),
-        train_seconds=stats.seconds,
-        throughput=stats.throughput,
-        curve=stats.curve,
-        figures=[fig] if fig else [],
+        **training_facts(model, stats, [fig]),
         extra={"image_side": data["train_images"].shape[-1], "tokens": train_x.shape[1], "test_examples": len(test_x)},
     )
 
@@ -185,11 +178,7 @@ def run_permuted_digits(cfg: BenchConfig, ctx: RunContext) -> TaskResult:
         baseline=majority_baseline(data["train_labels"], data["test_labels"]),
         target=B2_TARGET,
         target_met=within is not False and cnn_plain - cnn_perm >= 0.05,
-        parameters=count_parameters(model),
-        train_seconds=stats.seconds,
-        throughput=stats.throughput,
-        curve=stats.curve,
-        figures=[fig] if fig else [],
+        **training_facts(model, stats, [fig]),
         extra={
             "b1_accuracy_same_size": b1_acc,
             "accuracy_on_unpermuted_inputs": accuracy(unpermuted_logits, data["test_labels"]),

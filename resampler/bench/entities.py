@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ..decoders import PerceiverDecoder
 from ..perceiver_io import PerceiverIO
-from .common import RunContext, TaskResult, count_parameters, save_curve_plot, train_model
+from .common import RunContext, TaskResult, save_curve_plot, train_model, training_facts
 from .config import BenchConfig
 from .models import encoder_config
 
@@ -92,11 +92,7 @@ def run(cfg: BenchConfig, ctx: RunContext) -> TaskResult:
         baseline=baseline,
         target=TARGET,
         target_met=acc >= 0.90,
-        parameters=count_parameters(model),
-        train_seconds=stats.seconds,
-        throughput=stats.throughput,
-        curve=stats.curve,
-        figures=[fig] if fig else [],
+        **training_facts(model, stats, [fig]),
         extra={
             "set_sizes": [int(cfg.data.options.get("min_entities", 3)), cfg.data.length],
             "max_diff_with_extra_padding": pad_diff,

@@ -22,7 +22,14 @@ from torch import Tensor
 from ..decoders import PerceiverDecoder
 from ..perceiver_io import PerceiverIO
 from ..position import FourierPositionEncoding
-from .common import RunContext, TaskResult, count_parameters, predict_in_batches, save_curve_plot, train_model
+from .common import (
+    RunContext,
+    TaskResult,
+    predict_in_batches,
+    save_curve_plot,
+    train_model,
+    training_facts,
+)
 from .config import BenchConfig
 from .models import encoder_config
 
@@ -120,11 +127,7 @@ def run(cfg: BenchConfig, ctx: RunContext) -> TaskResult:
         target=TARGET,
         target_met=epe <= 0.5 * zero,
         higher_is_better=False,
-        parameters=count_parameters(model),
-        train_seconds=stats.seconds,
-        throughput=stats.throughput,
-        curve=stats.curve,
-        figures=figures,
+        **training_facts(model, stats, figures),
         extra={"epe_ratio_to_zero_flow": epe / zero, "image_side": s, "train_queries_per_example": num_q},
     )
 

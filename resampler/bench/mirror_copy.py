@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..perceiver_ar import PerceiverAR, PerceiverARConfig
-from .common import RunContext, TaskResult, count_parameters, save_curve_plot, train_model
+from .common import RunContext, TaskResult, save_curve_plot, train_model, training_facts
 from .config import BenchConfig
 
 TARGET = ">= 99% exact match (length >= 256); cached == uncached"
@@ -93,11 +93,7 @@ def run(cfg: BenchConfig, ctx: RunContext) -> TaskResult:
         baseline=baseline,
         target=TARGET,
         target_met=exact >= 0.99 and same_tokens and 2 * n + 2 >= 256,
-        parameters=count_parameters(model),
-        train_seconds=stats.seconds,
-        throughput=stats.throughput,
-        curve=stats.curve,
-        figures=[fig] if fig else [],
+        **training_facts(model, stats, [fig]),
         extra={
             "sequence_length": 2 * n + 2,
             "token_accuracy_teacher_forced": teacher_forced_accuracy(),

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from ..decoders import AudioPatchHead, ClassHead, FourierQueries, LearnedQueries, MultimodalDecoder
 from ..perceiver_io import PerceiverMultimodalAutoencoder
 from ..preprocessors import AudioPreprocessor, ImagePreprocessor, MultimodalPreprocessor, OneHotPreprocessor
-from .common import RunContext, TaskResult, count_parameters, save_curve_plot, train_model
+from .common import RunContext, TaskResult, save_curve_plot, train_model, training_facts
 from .config import BenchConfig
 from .models import encoder_config
 
@@ -175,11 +175,7 @@ def run(cfg: BenchConfig, ctx: RunContext) -> TaskResult:
         baseline=float((test["labels"] == torch.bincount(train["labels"]).argmax()).float().mean()),
         target=TARGET,
         target_met=label_acc >= 0.90,
-        parameters=count_parameters(model),
-        train_seconds=stats.seconds,
-        throughput=stats.throughput,
-        curve=stats.curve,
-        figures=figures,
+        **training_facts(model, stats, figures),
         extra={
             "video_psnr_db": video_psnr,
             "video_psnr_mean_frame_baseline_db": mean_frame_psnr,

@@ -16,7 +16,15 @@ from torch import Tensor
 
 from ..decoders import LearnedQueries, PerceiverDecoder
 from ..perceiver_io import PerceiverIO
-from .common import RunContext, TaskResult, accuracy, count_parameters, predict_in_batches, save_curve_plot, train_model
+from .common import (
+    RunContext,
+    TaskResult,
+    accuracy,
+    predict_in_batches,
+    save_curve_plot,
+    train_model,
+    training_facts,
+)
 from .config import BenchConfig
 from .digits import load_digit_images, pixel_tokens, train_perceiver
 
@@ -77,11 +85,7 @@ def run(cfg: BenchConfig, ctx: RunContext) -> TaskResult:
         target=TARGET,
         target_met=worst <= 0.02,
         higher_is_better=False,
-        parameters=count_parameters(model),
-        train_seconds=stats.seconds,
-        throughput=stats.throughput,
-        curve=stats.curve,
-        figures=[fig] if fig else [],
+        **training_facts(model, stats, [fig]),
         extra={
             "multi_task_accuracy": multi,
             "single_task_accuracy": single,

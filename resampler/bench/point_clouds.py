@@ -17,7 +17,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..preprocessors import PointCloudPreprocessor
-from .common import RunContext, TaskResult, accuracy, count_parameters, predict_in_batches, save_curve_plot, train_model
+from .common import (
+    RunContext,
+    TaskResult,
+    accuracy,
+    majority_baseline,
+    predict_in_batches,
+    save_curve_plot,
+    train_model,
+    training_facts,
+)
 from .config import BenchConfig
 from .models import make_classifier
 
@@ -147,14 +156,10 @@ def run(cfg: BenchConfig, ctx: RunContext) -> TaskResult:
         metric_name="test top-1",
         metric=acc,
         baseline_name="majority",
-        baseline=float((test_y == torch.bincount(train_y).argmax()).float().mean()),
+        baseline=majority_baseline(train_y, test_y),
         target=TARGET,
         target_met=acc >= 0.90,
-        parameters=count_parameters(model),
-        train_seconds=stats.seconds,
-        throughput=stats.throughput,
-        curve=stats.curve,
-        figures=[fig] if fig else [],
+        **training_facts(model, stats, [fig]),
         extra={
             "classes": k,
             "points_per_cloud": cfg.data.length,

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..flamingo import PerceiverResampler
-from .common import RunContext, TaskResult, count_parameters, predict_in_batches, train_model
+from .common import RunContext, TaskResult, predict_in_batches, train_model, training_facts
 from .config import BenchConfig
 
 TARGET = "linear-probe accuracy reported (> majority baseline); pad-invariance max diff <= 1e-5"
@@ -157,10 +157,7 @@ def run(cfg: BenchConfig, ctx: RunContext) -> TaskResult:
         baseline=baseline,
         target=TARGET,
         target_met=met,
-        parameters=count_parameters(model),
-        train_seconds=stats.seconds,
-        throughput=stats.throughput,
-        curve=stats.curve,
+        **training_facts(model, stats),
         extra={
             "probe_before_training": random_probe,
             "probe_on_mean_pooled_raw_patches": raw_probe,
