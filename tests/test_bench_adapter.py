@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -55,6 +56,7 @@ def test_sweep_rows_and_table(result):
     for row in result["sweep"]:
         assert row["label"] in table
     assert "When caching pays" in table
+    json.dumps(result)  # the suite writes it to speed.json: plain data, no cycles
 
 
 def test_readers_that_disagree_are_refused(tmp_path):
