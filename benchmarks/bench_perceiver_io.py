@@ -9,7 +9,9 @@ ImageNet Perceiver), 512 latents x 512, one cross-attend with 1 head (qk = v = C
 4 latent self-attention layers with 8 heads, batch 1. The two peers differ in kind (HF: GELU MLP, q/k/v
 biases, a classification decoder; perceiver-pytorch: GEGLU MLP x4, no biases, returns the latents), so
 each peer gets its own copy of ours made by our converter (`from_hf_perceiver`, `from_perceiver_pytorch`),
-and outputs and input gradients are checked equal at a small M before anything is timed.
+and outputs and input gradients are checked equal at a small M before anything is timed. One more copy
+of ours with ``fold_kv=False`` (keys and values projected from the 50k inputs, as the peers do) shows
+what attending in the inputs' own space (`Attention.attend_folded`) buys.
 
 Timed round-robin in one process (the machine is shared): forward (no_grad) and forward+backward (all
 weights trainable; the inputs are pixels + Fourier features, so no input gradient unless --input-grad), medians of ``--repeats`` with the spread (max-min)/median. Peak memory:
@@ -23,6 +25,7 @@ forward peak memory at 256k inputs well under half of transformers' (no (N x M) 
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import interleaved_ms, peak_memory_mb, report, spread  # noqa: E402
 
+from resampler.attention import Attention  # noqa: E402
 from resampler.convert import from_hf_perceiver  # noqa: E402
 from resampler.convert.perceiver_pytorch import from_perceiver_pytorch  # noqa: E402
 
@@ -109,9 +113,14 @@ def build_all(size: Size) -> dict[str, tuple[torch.nn.Module, object]]:
     lucid = build_lucidrains(size)
     ours_hf = from_hf_perceiver(hf).eval()
     ours_lucid = from_perceiver_pytorch(lucid).eval()
+    projected = copy.deepcopy(ours_hf)
+    for module in projected.modules():
+        if isinstance(module, Attention):
+            module.fold_kv = False
     return {
         "transformers": (hf, hf_call(hf)),
         "ours (as transformers)": (ours_hf, ours_hf),
+        "ours, K/V projected (before)": (projected, projected),
         "perceiver-pytorch": (lucid, lucid),
         "ours (as perceiver-pytorch)": (ours_lucid, ours_lucid),
     }

@@ -25,6 +25,7 @@ relative error. Wall-clock runs with 2 threads on the busy machine had 15-90% sp
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -218,9 +219,15 @@ def main(argv: list[str] | None = None) -> dict:
         calls[name], calls[f"ours({name})"] = peer_call(name, peer, x), ours_call(ours, x)
         err = check_equal(peer, ours, calls[name], calls[f"ours({name})"], tol=1e-4)
         print(f"{name}: converted, outputs and gradients agree (max |Δ| {err:.2e})")
-    if args.before:
-        ours = models["ours(flamingo-pytorch)"]
-        models["before(flamingo-pytorch)"], calls["before(flamingo-pytorch)"] = ours, ours_before_call(ours, x)
+    if args.before:  # keys/values projected (fold_kv=False): the code as first written, and the last session's
+        projected = copy.deepcopy(models["ours(flamingo-pytorch)"])
+        for layer in projected.layers:
+            layer.attn.fold_kv = False
+        models["before(flamingo-pytorch)"], calls["before(flamingo-pytorch)"] = (
+            projected,
+            ours_before_call(projected, x),
+        )
+        models["projected(flamingo-pytorch)"], calls["projected(flamingo-pytorch)"] = projected, ours_call(projected, x)
 
     print(f"threads {torch.get_num_threads()}, clock {args.clock}")
     results = {"size": asdict(size), "rows": []}

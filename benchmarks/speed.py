@@ -64,21 +64,23 @@ def part_gemm(smoke: bool, _figures: Path) -> dict:
 def part_resampler(smoke: bool, _figures: Path) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "resampler.json"
-        bench_resampler.main((["--smoke"] if smoke else []) + ["--json", str(path)])
+        bench_resampler.main((["--smoke"] if smoke else []) + ["--before", "--json", str(path)])
         result = json.loads(path.read_text())
     rows = {(r["mode"], r["model"]): r for r in result["rows"] if "ms" in r}  # (the GEMM row has only a rate)
-    peers = [m for (mode, m) in rows if mode == "forward" and not m.startswith("ours")]
+    peers = [m for (mode, m) in rows if mode == "forward" and "(" not in m]  # ours(peer), before(peer): copies
     summary = {}
     for mode in ("forward", "forward+backward"):
-        fastest = min(rows[(mode, p)]["ms"] for p in peers)
-        ours_ms = min(rows[(mode, m)]["ms"] for (md, m) in rows if md == mode and m.startswith("ours"))
+        # Each peer against our copy of it (the same function, weights converted): the fastest peer's
+        # ratio is the goal's number, the smallest ratio over the peers is shown beside it.
+        ratios = {p: rows[(mode, p)]["ms"] / rows[(mode, f"ours({p})")]["ms"] for p in peers}
+        fastest = min(peers, key=lambda p: rows[(mode, p)]["ms"])
         summary[mode] = {
-            "ours_ms": ours_ms,
-            "fastest_peer_ms": fastest,
-            "speedup_vs_fastest_peer": fastest / ours_ms,
-            "ours_fraction_of_gemm": max(
-                rows[(mode, m)]["fraction_of_gemm"] for (md, m) in rows if md == mode and m.startswith("ours")
-            ),
+            "fastest_peer": fastest,
+            "fastest_peer_ms": rows[(mode, fastest)]["ms"],
+            "ours_ms": rows[(mode, f"ours({fastest})")]["ms"],
+            "speedup_vs_fastest_peer": ratios[fastest],
+            "speedup_vs_each_peer": ratios,
+            "ours_fraction_of_gemm": rows[(mode, f"ours({fastest})")]["fraction_of_gemm"],
             "peer_fraction_of_gemm": {p: rows[(mode, p)]["fraction_of_gemm"] for p in peers},
         }
     return {"raw": result, "summary": summary}
@@ -194,10 +196,11 @@ def goals(results: dict) -> list[dict]:
             f"peers {_fmt_dict(fwd['peer_fraction_of_gemm'])}",
         )
         add(
-            "resampler fwd+bwd vs fastest peer",
+            f"resampler fwd+bwd vs fastest peer ({train['fastest_peer']})",
             train["speedup_vs_fastest_peer"],
             ">= 1.25x",
             train["speedup_vs_fastest_peer"] >= 1.25,
+            f"vs each peer {_fmt_dict(train['speedup_vs_each_peer'])}",
         )
     p = results.get("perceiver_io", {}).get("ratios")
     if p:

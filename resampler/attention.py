@@ -94,6 +94,9 @@ class Attention(nn.Module):
         dropout: attention-probability dropout (training only).
         use_sdpa: ``scaled_dot_product_attention`` (fast path) or the plain reference path.
         query_chunk_size: process queries in chunks of this size to bound memory on huge inputs.
+        fold_kv: attend in the context's own space (see `Attention.attend_folded`): True whenever
+            possible, False never, None (default) when it takes fewer multiply-adds than projecting
+            the context. Only the fast path folds; ``use_sdpa=False`` always projects.
     """
 
     def __init__(
@@ -111,6 +114,7 @@ class Attention(nn.Module):
         dropout: float = 0.0,
         use_sdpa: bool = True,
         query_chunk_size: int | None = None,
+        fold_kv: bool | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -136,6 +140,8 @@ class Attention(nn.Module):
             raise ValueError(f"Attention: dropout must be in [0, 1), got {dropout}")
         if query_chunk_size is not None and query_chunk_size <= 0:
             raise ValueError(f"Attention: query_chunk_size must be positive, got {query_chunk_size}")
+        if fold_kv not in (None, True, False):
+            raise ValueError(f"Attention: fold_kv must be True, False or None (automatic), got {fold_kv!r}")
         factory = {"device": device, "dtype": dtype}
         self.q_dim, self.kv_dim, self.out_dim = q_dim, kv_dim, out_dim
         self.heads, self.num_kv_heads = heads, num_kv_heads
@@ -143,6 +149,7 @@ class Attention(nn.Module):
         self.dropout = dropout
         self.use_sdpa = use_sdpa
         self.query_chunk_size = query_chunk_size
+        self.fold_kv = fold_kv
         self.scale = head_dim**-0.5
         self.to_q = nn.Linear(q_dim, heads * head_dim, bias=qkv_bias, **factory)
         # Keys and values in one matmul: rows [0, Hkv*dh) are keys, the rest values.
@@ -175,25 +182,37 @@ class Attention(nn.Module):
         *,
         cache: KVCache | None = None,
         prefix_kv: tuple[Tensor, Tensor] | None = None,
+        context_affine: tuple[Tensor | None, Tensor | None] | None = None,
     ) -> Tensor:
         """x (B, Q, q_dim), context (B, M, kv_dim) or None for self-attention -> (B, Q, out_dim).
 
         ``prefix_kv``: keys (B, Hkv, M0, dh) and values (B, Hkv, M0, dv) projected elsewhere, placed
         before the context's keys/values (the mask then covers M0 + M keys). The Flamingo resampler
         projects its media this way, once per layer, without an input gradient.
+
+        ``context_affine``: (weight, bias), either may be None: the context attended to is
+        ``context * weight + bias``, a norm's affine left out of a normalised context. The folded
+        path takes it into its weights, so a frozen context needs no gradient at all.
         """
         self._check_inputs(x, context)
         context = x if context is None else context
         b, q_len, _ = x.shape
         q = self.to_q(x).view(b, q_len, self.heads, self.head_dim).transpose(1, 2)  # (B, H, Q, dh)
-        k, v = self.project_kv(context)
-        if prefix_kv is not None:
-            self._check_prefix(prefix_kv, b)
-            k = torch.cat([prefix_kv[0], k], dim=-2)  # (B, Hkv, M0 + M, dh)
-            v = torch.cat([prefix_kv[1], v], dim=-2)  # (B, Hkv, M0 + M, dv)
-        if cache is not None:
-            k, v = cache.update(k, v)
-        k_len = k.shape[-2]
+        folded = prefix_kv is None and cache is None and self._folds(q_len, context.shape[1])
+        if folded:
+            k = v = None
+            k_len = context.shape[1]
+        else:
+            if context_affine is not None:
+                context = _apply_affine(context, *context_affine)
+            k, v = self.project_kv(context)
+            if prefix_kv is not None:
+                self._check_prefix(prefix_kv, b)
+                k = torch.cat([prefix_kv[0], k], dim=-2)  # (B, Hkv, M0 + M, dh)
+                v = torch.cat([prefix_kv[1], v], dim=-2)  # (B, Hkv, M0 + M, dv)
+            if cache is not None:
+                k, v = cache.update(k, v)
+            k_len = k.shape[-2]
 
         has_key = None
         if mask is not None:
@@ -205,7 +224,10 @@ class Attention(nn.Module):
                 mask = mask | ~rows
                 has_key = rows
 
-        out = self._attend_chunked(q, k, v, mask)  # (B, H, Q, dv)
+        if folded:
+            out = self.attend_folded(q, context, mask, context_affine)  # (B, H, Q, dv)
+        else:
+            out = self._attend_chunked(q, k, v, mask, self.scale)  # (B, H, Q, dv)
         if has_key is not None:
             out = out * has_key.to(out.dtype)
         out = out.transpose(1, 2).reshape(b, q_len, self.heads * self.v_head_dim)
@@ -213,6 +235,67 @@ class Attention(nn.Module):
         if has_key is not None:  # a query with no key in any head outputs exactly zero, bias included
             out = out * has_key.any(dim=1).to(out.dtype)  # (B|1, Q|1, 1)
         return out
+
+    def _folds(self, q_len: int, k_len: int) -> bool:
+        """Whether to attend in the context's space (`attend_folded`) rather than project the context."""
+        if self.fold_kv is False or not self.use_sdpa or type(self.to_kv) is not nn.Linear:
+            return False  # (a LoRA / quantized to_kv has no plain weight to fold)
+        if self.dropout and self.training and self.to_kv.bias is not None:
+            return False  # dropped probabilities no longer sum to 1, so the value bias would not factor out
+        if self.fold_kv:
+            return True
+        h, hkv, dh, dv, c = self.heads, self.num_kv_heads, self.head_dim, self.v_head_dim, self.kv_dim
+        projected = k_len * c * hkv * (dh + dv) + h * q_len * k_len * (dh + dv)
+        folded = h * q_len * c * (dh + dv) + 2 * h * q_len * k_len * c
+        return folded < projected
+
+    def attend_folded(
+        self,
+        q: Tensor,
+        context: Tensor,
+        mask: Tensor | None,
+        context_affine: tuple[Tensor | None, Tensor | None] | None = None,
+    ) -> Tensor:
+        """softmax(q k^T) v without projecting the context: q (B, H, Q, dh), context (B, M, C) -> (B, H, Q, dv).
+
+        With k = context Wk^T + bk and v = context Wv^T + bv, per head
+        ``q k^T = (q Wk) context^T + q.bk`` and ``P v = (P context) Wv^T + bv`` (rows of P sum to 1).
+        ``q.bk`` is the same for every key, so softmax drops it. Every head then attends over the same
+        keys and values, the normed context itself, as one head of H*Q queries: 2*H*Q*M*C
+        multiply-adds instead of M*C*Hkv*(dh+dv) + H*Q*M*(dh+dv). That pays when the context is
+        long and narrow, as in a Perceiver's encoder (M = 50k pixels, C = 261, one head of 261 or 1024),
+        and it leaves no projected (M, Hkv*(dh+dv)) keys/values to store or differentiate. A norm's
+        affine (``context_affine``) goes into the weights, ``W (x̂ w + b) = (W w) x̂ + W b``, so the
+        context itself never needs a gradient when it is frozen: training then runs the matmul
+        kernel, whose backward skips the keys' and values' gradients (SDPA's computes them anyway).
+        """
+        b, h, q_len, _ = q.shape
+        hkv, groups, c = self.num_kv_heads, self.heads // self.num_kv_heads, context.shape[-1]
+        weight, v_bias = self.to_kv.weight, self.to_kv.bias
+        if context_affine is not None:
+            scale, shift = context_affine
+            if shift is not None:  # (keys' part of the shift only adds a per-query constant: dropped)
+                shift = F.linear(shift, weight[hkv * self.head_dim :])  # (Hkv*dv,)
+                v_bias = shift if v_bias is None else v_bias[hkv * self.head_dim :] + shift
+            elif v_bias is not None:
+                v_bias = v_bias[hkv * self.head_dim :]
+            weight = weight if scale is None else weight * scale
+        elif v_bias is not None:
+            v_bias = v_bias[hkv * self.head_dim :]
+        w_k, w_v = weight.split([hkv * self.head_dim, hkv * self.v_head_dim])
+        w_k = w_k.view(hkv, self.head_dim, c)  # query head i uses key/value head i // groups
+        w_v = w_v.view(hkv, self.v_head_dim, c)
+        q = q.reshape(b, hkv, groups * q_len, self.head_dim) * self.scale
+        q = torch.matmul(q, w_k).view(b, 1, h * q_len, c)  # (B, 1, H*Q, C): queries in context space
+        if mask is not None and (mask.shape[1] > 1 or mask.shape[2] > 1):
+            mask = mask.expand(mask.shape[0], h, q_len, -1).reshape(mask.shape[0], 1, h * q_len, -1)
+        context = context[:, None]  # (B, 1, M, C): keys and values of every head
+        math = torch.is_grad_enabled() and not context.requires_grad
+        u = self._attend_chunked(q, context, context, mask, 1.0, math=math)  # (B, 1, H*Q, C)
+        out = torch.matmul(u.view(b, hkv, groups * q_len, c), w_v.transpose(1, 2))  # (B, Hkv, G*Q, dv)
+        if v_bias is not None:
+            out = out + v_bias.view(hkv, 1, self.v_head_dim)
+        return out.view(b, h, q_len, self.v_head_dim)
 
     def _check_inputs(self, x: Tensor, context: Tensor | None) -> None:
         if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != self.q_dim:
@@ -268,30 +351,40 @@ class Attention(nn.Module):
                 f"dv={self.v_head_dim}), got {shape}"
             )
 
-    def _attend_chunked(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    def _attend_chunked(
+        self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, *, math: bool = False
+    ) -> Tensor:
         chunk = self.query_chunk_size
         q_len = q.shape[-2]
         if chunk is None or q_len <= chunk:
-            return self._attend(q, k, v, mask)
+            return self._attend(q, k, v, mask, scale, math=math)
         outs = []
         for start in range(0, q_len, chunk):
             stop = min(start + chunk, q_len)
             sub_mask = None
             if mask is not None:
                 sub_mask = mask if mask.shape[-2] == 1 else mask[..., start:stop, :]
-            outs.append(self._attend(q[..., start:stop, :], k, v, sub_mask))
+            outs.append(self._attend(q[..., start:stop, :], k, v, sub_mask, scale, math=math))
         return torch.cat(outs, dim=-2)
 
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    def _attend(
+        self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, *, math: bool = False
+    ) -> Tensor:
+        """``math``: prefer the matmul kernel in training (its backward skips gradients nobody needs)."""
         dropout = self.dropout if self.training else 0.0
-        groups = self.heads // self.num_kv_heads
-        if self.use_sdpa and not _sdpa_backward_is_slow(q, k, v):
+        groups = q.shape[1] // k.shape[1]
+        if self.use_sdpa and not math and not _sdpa_backward_is_slow(q, k, v):
             return F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=dropout, scale=self.scale, enable_gqa=groups > 1
+                q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale, enable_gqa=groups > 1
             )
         if self.use_sdpa:
-            return _math_attention(q, k, v, mask, scale=self.scale, dropout=dropout)
-        return reference_attention(q, k, v, mask, scale=self.scale, dropout=dropout)
+            return _math_attention(q, k, v, mask, scale=scale, dropout=dropout)
+        return reference_attention(q, k, v, mask, scale=scale, dropout=dropout)
+
+
+def _apply_affine(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+    x = x if weight is None else x * weight
+    return x if bias is None else x + bias
 
 
 def _sdpa_backward_is_slow(q: Tensor, k: Tensor, v: Tensor) -> bool:

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from .attention import Attention, KVCache
 
-__all__ = ["FeedForward", "make_norm", "CrossAttentionBlock", "SelfAttentionBlock"]
+__all__ = ["FeedForward", "make_norm", "normalize_without_affine", "CrossAttentionBlock", "SelfAttentionBlock"]
 
 _ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "silu": F.silu, "relu": F.relu}
 
@@ -76,6 +76,9 @@ class CrossAttentionBlock(nn.Module):
     With ``kv_includes_queries=True`` the normed queries are appended to the keys/values
     (context first, then queries), as in the Flamingo resampler where latents also attend to
     themselves.
+
+    ``fold_kv`` (see `Attention`): when the attention folds, ``norm_kv``'s affine goes into the
+    key/value weights and the context enters only normalised, so a frozen context needs no gradient.
     """
 
     def __init__(
@@ -102,6 +105,7 @@ class CrossAttentionBlock(nn.Module):
         dropout: float = 0.0,
         use_sdpa: bool = True,
         query_chunk_size: int | None = None,
+        fold_kv: bool | None = None,
         device=None,
         dtype=None,
     ) -> None:
@@ -130,6 +134,7 @@ class CrossAttentionBlock(nn.Module):
             dropout=dropout,
             use_sdpa=use_sdpa,
             query_chunk_size=query_chunk_size,
+            fold_kv=fold_kv,
             **factory,
         )
         self.norm_ff = make_norm(norm, out_dim, norm_eps, **factory)
@@ -151,6 +156,13 @@ class CrossAttentionBlock(nn.Module):
         _check_width("CrossAttentionBlock", "x", x, self.norm_q.normalized_shape[0])
         _check_width("CrossAttentionBlock", "context", context, self.norm_kv.normalized_shape[0])
         q = self.norm_q(x)
+        if not self.kv_includes_queries and cache is None and self.attn._folds(q.shape[1], context.shape[1]):
+            # Attending in the context's own space: the norm's affine goes into the key/value weights,
+            # so a frozen context (pixels, features) carries no gradient through this block.
+            affine = (self.norm_kv.weight, getattr(self.norm_kv, "bias", None))
+            h = self.attn(q, normalize_without_affine(self.norm_kv, context), mask, context_affine=affine)
+            x = x + h if self.query_residual else h
+            return x + self.ff(self.norm_ff(x))
         kv = self.norm_kv(context)
         if self.kv_includes_queries:
             if cache is not None:
@@ -161,6 +173,15 @@ class CrossAttentionBlock(nn.Module):
         h = self.attn(q, kv, mask, cache=cache)
         x = x + h if self.query_residual else h
         return x + self.ff(self.norm_ff(x))
+
+
+def normalize_without_affine(norm: nn.Module, x: Tensor) -> Tensor:
+    """``norm``'s normalisation (a `make_norm` LayerNorm or RMSNorm) of x, without its weight and bias."""
+    if isinstance(norm, nn.LayerNorm):
+        return F.layer_norm(x, norm.normalized_shape, eps=norm.eps)
+    if isinstance(norm, nn.RMSNorm):
+        return F.rms_norm(x, norm.normalized_shape, eps=norm.eps)
+    raise TypeError(f"unsupported norm {type(norm).__name__}: expected LayerNorm or RMSNorm")
 
 
 def _head_dim(owner: str, field: str, dim: int, heads: int, head_dim: int | None) -> int:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .blocks import CrossAttentionBlock, make_norm
+from .blocks import CrossAttentionBlock, make_norm, normalize_without_affine
 
 __all__ = ["PerceiverResampler"]
 
@@ -152,6 +152,10 @@ class PerceiverResampler(nn.Module):
         if mask is not None:  # padding may hold anything (uninitialised memory: NaN, inf); 0 * NaN would leak
             media = media.masked_fill(~mask[..., None], 0.0)
         pos = [e for e in (pos_media, pos_seq) if e is not None]
+        if mask is not None:  # latents always see each other: append their keys as attendable
+            mask = torch.cat([mask, mask.new_ones(m, self.num_latents)], dim=-1)  # (M, S + N)
+        if self._folds(media, pos_seq):
+            return self._resample_folded(media, mask, pos_media, pos_seq)
         learned_pos_only = (
             torch.is_grad_enabled()
             and not media.requires_grad
@@ -165,15 +169,52 @@ class PerceiverResampler(nn.Module):
             for e in pos:
                 media = media + e
             # Every layer normalises the media the same way; only the affine differs, and is folded.
-            media_hat = _normalize_without_affine(self.layers[0].norm_kv, media)  # (M, S, D)
-        if mask is not None:  # latents always see each other: append their keys as attendable
-            mask = torch.cat([mask, mask.new_ones(m, self.num_latents)], dim=-1)  # (M, S + N)
+            media_hat = normalize_without_affine(self.layers[0].norm_kv, media)  # (M, S, D)
         latents = self.latents.expand(m, -1, -1)  # (M, N, D)
         for i, layer in enumerate(self.layers):
             media_kv = layer.attn.split_kv(media_kvs[i]) if learned_pos_only else _media_kv(layer, media_hat)
             latents = _resampler_layer(layer, latents, media_kv, mask)
+        return self._output(latents)
+
+    def _output(self, latents: Tensor) -> Tensor:
         out = self.norm(latents)
         return out if self.proj is None else self.proj(out)
+
+    def _folds(self, media: Tensor, pos_seq: Tensor | None) -> bool:
+        """Whether the layers attend in the media's own space (`_folded_layer`).
+
+        When `Attention` would fold (fewer multiply-adds: few latents, wide heads), with plain Linear
+        weights and no autocast. Per-patch embeddings that learn on frozen media keep the projected
+        path, whose closed-form embedding gradient (`_EmbeddedMediaKV`) is cheaper there.
+        """
+        if torch.is_autocast_enabled(media.device.type):
+            return False
+        keys = media.shape[1] + self.num_latents
+        if not all(layer.attn._folds(self.num_latents, keys) for layer in self.layers):
+            return False
+        learned_seq = pos_seq is not None and pos_seq.requires_grad and torch.is_grad_enabled()
+        return not (learned_seq and not media.requires_grad)
+
+    def _resample_folded(
+        self, media: Tensor, mask: Tensor | None, pos_media: Tensor | None, pos_seq: Tensor | None
+    ) -> Tensor:
+        """`_resample` with every layer attending in the media's space; media (M, S, D), mask (M, S + N)."""
+        norm = self.layers[0].norm_kv
+        if pos_seq is not None:
+            media = media + pos_seq
+        token = rstd = None
+        learned_media_pos = pos_media is not None and pos_media.requires_grad and torch.is_grad_enabled()
+        if learned_media_pos and not media.requires_grad:
+            # Frozen media + a learned per-media embedding: its gradient comes in closed form from
+            # per-media sums (`_MediaToken`), not from a per-patch gradient of the normalised media.
+            media_hat, rstd = _normalize_with_rstd(norm, media + pos_media.detach())
+            token = _MediaToken.apply(pos_media, media_hat, rstd, isinstance(norm, nn.RMSNorm))
+        else:
+            media_hat = normalize_without_affine(norm, media if pos_media is None else media + pos_media)
+        latents = self.latents.expand(media.shape[0], -1, -1)  # (M, N, D)
+        for layer in self.layers:
+            latents = _folded_layer(layer, latents, media_hat, mask, token, rstd)
+        return self._output(latents)
 
     def _embeddings(self, b: int, t: int, f: int, p: int) -> tuple[Tensor | None, Tensor | None]:
         """Per-media (B*T, 1, D) media-time embeddings and per-patch (1, F*P, D) frame + patch embeddings."""
@@ -238,13 +279,136 @@ def _resampler_layer(
     return latents + layer.ff(layer.norm_ff(latents))
 
 
-def _normalize_without_affine(norm: nn.Module, x: Tensor) -> Tensor:
-    """``norm``'s normalisation (LayerNorm or RMSNorm) of x, without its weight and bias."""
-    if isinstance(norm, nn.LayerNorm):
-        return F.layer_norm(x, norm.normalized_shape, eps=norm.eps)
+def _folded_layer(
+    layer: CrossAttentionBlock,
+    latents: Tensor,
+    media_hat: Tensor,
+    mask: Tensor | None,
+    token: Tensor | None,
+    rstd: Tensor | None,
+) -> Tensor:
+    """One resampler layer attending in the media's own space: latents (M, N, D), media_hat (M, S, D).
+
+    As `Attention.attend_folded`, over two blocks of keys: the media, ``norm_kv(media) = x̂ w + b``
+    with the affine taken into the folded queries and into the weighted sum, and the latents,
+    ``norm_q(latents)``. Per layer that is 2*H*N*(S+N)*D multiply-adds instead of projecting S+N
+    rows to keys and values, and no gradient for the media. ``token`` (see `_MediaToken`) carries
+    the per-media embedding's gradient when the media are frozen.
+    """
+    attn, norm = layer.attn, layer.norm_kv
+    m, n, d = latents.shape
+    h, hkv, dh, dv = attn.heads, attn.num_kv_heads, attn.head_dim, attn.v_head_dim
+    groups, s = h // hkv, media_hat.shape[1]
+    y = layer.norm_q(latents)  # (M, N, D): the latents' queries' input and their own keys/values
+    q = attn.to_q(y).view(m, n, h, dh).transpose(1, 2).reshape(m, hkv, groups * n, dh) * attn.scale
+    w_k, w_v = attn.to_kv.weight.split([hkv * dh, hkv * dv])
+    qt = torch.matmul(q, w_k.view(hkv, dh, d)).view(m, h * n, d)  # (M, H*N, D); head i uses kv head i // G
+    qm = qt if norm.weight is None else qt * norm.weight
+    if token is None:
+        s_media = torch.matmul(qm, media_hat.transpose(1, 2))  # (M, H*N, S)
+    else:
+        s_media = _MediaScores.apply(qm, token, media_hat, rstd)
+    shift = getattr(norm, "bias", None)
+    if shift is not None:  # q.(W b): the same for every media key, but not for the latents' keys
+        s_media = s_media + torch.matmul(qt, shift)[..., None]
+    scores = torch.cat([s_media, torch.matmul(qt, y.transpose(1, 2))], dim=-1)  # (M, H*N, S + N)
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
+    p_media, p_latents = scores.softmax(dim=-1).split([s, n], dim=-1)
+    if token is None:
+        u = torch.matmul(p_media, media_hat)  # (M, H*N, D)
+    else:
+        u = _MediaWeighted.apply(p_media, token, media_hat, rstd)
+    if norm.weight is not None:
+        u = u * norm.weight
+    if shift is not None:
+        u = u + p_media.sum(-1, keepdim=True) * shift
+    u = u + torch.matmul(p_latents, y)  # (M, H*N, D): the attention-weighted inputs, in D space
+    out = torch.matmul(u.view(m, hkv, groups * n, d), w_v.view(hkv, dv, d).transpose(1, 2))  # (M, Hkv, G*N, dv)
+    if attn.to_kv.bias is not None:  # (the keys' bias adds a per-query constant: softmax drops it)
+        out = out + attn.to_kv.bias[hkv * dh :].view(hkv, 1, dv)
+    out = out.view(m, h, n, dv).transpose(1, 2).reshape(m, n, h * dv)
+    latents = latents + attn.to_out(out)
+    return latents + layer.ff(layer.norm_ff(latents))
+
+
+def _normalize_with_rstd(norm: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    """x̂ = normalize_without_affine(norm, x) and its reciprocal std (or rms), (..., 1)."""
     if isinstance(norm, nn.RMSNorm):
-        return F.rms_norm(x, norm.normalized_shape, eps=norm.eps)
-    raise TypeError(f"PerceiverResampler: unsupported norm {type(norm).__name__}")
+        eps = torch.finfo(x.dtype).eps if norm.eps is None else norm.eps
+        rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        return x * rstd, rstd
+    x_hat, _, rstd = torch.native_layer_norm(x, [x.shape[-1]], None, None, norm.eps)
+    return x_hat, rstd
+
+
+class _MediaToken(torch.autograd.Function):
+    """A zero (M, D + S) tensor whose gradient is turned into the per-media embedding's gradient.
+
+    With x̂ = norm(media + e) per media item (rows r), the folded layers use x̂ only in products
+    ``qm x̂ᵀ`` and ``p x̂``. Their backward (`_MediaScores`, `_MediaWeighted`) sends, instead of the
+    (S, D) gradient g of x̂, what the embedding needs: v = Σ_r g_r/σ_r (D values) and t_r = x̂_r·g_r
+    (S values). Then de = v - mean(v) - Σ_r x̂_r t_r/(σ_r D) (no mean term for RMSNorm): the norm's
+    Jacobian summed over the item's rows, as in `_EmbeddedMediaKV`.
+    """
+
+    @staticmethod
+    def forward(ctx, pos_media, media_hat, rstd, rms: bool):
+        ctx.save_for_backward(media_hat, rstd)
+        ctx.rms = rms
+        m, s, d = media_hat.shape
+        return media_hat.new_zeros(m, d + s)
+
+    @staticmethod
+    def backward(ctx, message):
+        media_hat, rstd = ctx.saved_tensors
+        d = media_hat.shape[-1]
+        v, t = message.split([d, media_hat.shape[1]], dim=-1)  # (M, D), (M, S)
+        if not ctx.rms:
+            v = v - v.mean(-1, keepdim=True)
+        correction = torch.matmul((t * rstd[..., 0])[:, None, :], media_hat)[:, 0] / d  # (M, D)
+        return (v - correction)[:, None, :], None, None, None
+
+
+class _MediaScores(torch.autograd.Function):
+    """qm x̂ᵀ (M, H*N, S); backward: qm's gradient and `_MediaToken`'s message instead of x̂'s gradient."""
+
+    @staticmethod
+    def forward(ctx, qm, token, media_hat, rstd):
+        scores = torch.matmul(qm, media_hat.transpose(1, 2))
+        ctx.save_for_backward(qm, media_hat, rstd, scores)
+        return scores
+
+    @staticmethod
+    def backward(ctx, grad):
+        qm, media_hat, rstd, scores = ctx.saved_tensors
+        grad_qm = torch.matmul(grad, media_hat) if ctx.needs_input_grad[0] else None  # (M, H*N, D)
+        message = None
+        if ctx.needs_input_grad[1]:  # g_r = Σ_i grad[i, r] qm[i]
+            v = torch.matmul(torch.matmul(grad, rstd).transpose(1, 2), qm)[:, 0]  # (M, D)
+            t = (grad * scores).sum(1)  # (M, S): x̂_r·g_r = Σ_i grad[i, r] (qm[i]·x̂_r)
+            message = torch.cat([v, t], dim=-1)
+        return grad_qm, message, None, None
+
+
+class _MediaWeighted(torch.autograd.Function):
+    """p x̂ (M, H*N, D); backward: p's gradient and `_MediaToken`'s message instead of x̂'s gradient."""
+
+    @staticmethod
+    def forward(ctx, p, token, media_hat, rstd):
+        ctx.save_for_backward(p, media_hat, rstd)
+        return torch.matmul(p, media_hat)
+
+    @staticmethod
+    def backward(ctx, grad):
+        p, media_hat, rstd = ctx.saved_tensors
+        grad_p = torch.matmul(grad, media_hat.transpose(1, 2))  # (M, H*N, S)
+        message = None
+        if ctx.needs_input_grad[1]:  # g_r = Σ_i p[i, r] grad[i]
+            v = torch.matmul(torch.matmul(p, rstd).transpose(1, 2), grad)[:, 0]  # (M, D)
+            t = (p * grad_p).sum(1)  # (M, S): x̂_r·g_r = Σ_i p[i, r] (grad[i]·x̂_r)
+            message = torch.cat([v, t], dim=-1)
+        return grad_p if ctx.needs_input_grad[0] else None, message, None, None
 
 
 def _folded_kv_weights(layer: CrossAttentionBlock) -> tuple[Tensor, Tensor | None]:

@@ -58,16 +58,28 @@ def _count_kernels(monkeypatch) -> dict[str, int]:
 def test_kernel_choice_math_only_for_training_with_few_batch_heads(monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
     calls = _count_kernels(monkeypatch)
-    attn = Attention(16, 8, heads=1, head_dim=32)
+    attn = Attention(16, 8, heads=1, head_dim=32, fold_kv=False)  # keys and values projected
     x, ctx = torch.randn(2, 3, 16), torch.randn(2, 11, 8)
     with torch.no_grad():  # inference keeps SDPA whatever the shape
         attn(x, ctx)
     assert calls == {"sdpa": 1, "math": 0}
     attn(x, ctx).sum().backward()  # training, B x H = 2 < 4 threads: math kernel
     assert calls == {"sdpa": 1, "math": 1}
-    wide = Attention(16, 8, heads=2, head_dim=8)
+    wide = Attention(16, 8, heads=2, head_dim=8, fold_kv=False)
     wide(x, ctx).sum().backward()  # B x H = 4 >= 4 threads: SDPA
     assert calls == {"sdpa": 2, "math": 1}
+    # Folded (keys = values = the context): a frozen context trains with the matmul kernel whatever
+    # B x H, since its backward then skips the context's gradient; a context that needs one goes by the
+    # rule above (the folded heads attend as one head: B x 1 = 4 >= 4 threads here, so SDPA).
+    folded = Attention(16, 8, heads=2, head_dim=8, fold_kv=True)
+    x, ctx = torch.randn(4, 3, 16), torch.randn(4, 11, 8)
+    with torch.no_grad():
+        folded(x, ctx)
+    assert calls == {"sdpa": 3, "math": 1}
+    folded(x, ctx).sum().backward()
+    assert calls == {"sdpa": 3, "math": 2}
+    folded(x, ctx.requires_grad_()).sum().backward()
+    assert calls == {"sdpa": 4, "math": 2}
 
 
 def test_both_kernels_give_the_same_training_step(monkeypatch):
