@@ -238,8 +238,9 @@ class Attention(nn.Module):
 
     def _folds(self, q_len: int, k_len: int) -> bool:
         """Whether to attend in the context's space (`attend_folded`) rather than project the context."""
-        if self.fold_kv is False or not self.use_sdpa or type(self.to_kv) is not nn.Linear:
-            return False  # (a LoRA / quantized to_kv has no plain weight to fold)
+        foldable = type(self.to_kv) is nn.Linear or getattr(type(self.to_kv), "folds_like_linear", False)
+        if self.fold_kv is False or not self.use_sdpa or not foldable:
+            return False  # (a LoRA-wrapped to_kv has no single weight to fold)
         if self.dropout and self.training and self.to_kv.bias is not None:
             return False  # dropped probabilities no longer sum to 1, so the value bias would not factor out
         if self.fold_kv:

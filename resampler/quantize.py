@@ -128,6 +128,11 @@ def _dequant(value):
 class Int8Linear(nn.Module):
     """Drop-in inference replacement of an ``nn.Linear``: int8 weight (per output channel), fp32 bias."""
 
+    # `Attention` may still attend in the context's own space with this as its to_kv: the folded path
+    # reads the (dequantized) weight, so the int8 copy does the same, smaller, work as the fp32 model
+    # instead of projecting 50k inputs to keys and values first.
+    folds_like_linear = True
+
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         if not isinstance(linear, nn.Linear):

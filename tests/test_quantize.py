@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from resampler.attention import Attention
 from resampler.flamingo import PerceiverResampler
 from resampler.perceiver import PerceiverEncoder, PerceiverEncoderConfig
 from resampler.quantize import INT8_TOLERANCE, Int8Linear, Int8Weight, int8_supported, quantize_int8
@@ -85,6 +86,29 @@ def test_perceiver_encoder_int8_within_tolerance():
     with torch.no_grad():
         err = _relative_error(fast(x), model(x))
     assert 0 < err < INT8_TOLERANCE, err
+
+
+def test_int8_encoder_attends_in_the_inputs_space_like_fp32(monkeypatch):
+    """The int8 copy keeps the fold: its cross-attend never projects the 300 inputs to keys/values."""
+    torch.manual_seed(0)
+    config = PerceiverEncoderConfig(input_dim=24, num_latents=16, latent_dim=64, self_heads=4, cross_heads=1)
+    model = PerceiverEncoder(config).eval()
+    _randomise_norms(model)
+    fast = quantize_int8(model)
+    cross = [m for m in fast.modules() if isinstance(m, Attention) and m.kv_dim == 24]
+    assert cross and all(isinstance(m.to_kv, Int8Linear) for m in cross)
+    projected_rows = []
+    original = Attention.project_kv
+    monkeypatch.setattr(Attention, "project_kv", lambda self, c: projected_rows.append(c.shape[1]) or original(self, c))
+    x = torch.randn(2, 300, 24)
+    with torch.no_grad():
+        got, want = fast(x), model(x)
+    assert 300 not in projected_rows, projected_rows  # the latents' own self-attention still projects
+    assert 0 < _relative_error(got, want) < INT8_TOLERANCE
+    for m in cross:  # the same int8 weights, projected: the fold changes the arithmetic, not the answer
+        m.fold_kv = False
+    with torch.no_grad():
+        assert _relative_error(fast(x), got) < INT8_TOLERANCE
 
 
 def test_original_model_untouched_and_copy_has_no_gradients():

@@ -13,6 +13,8 @@ def twins(**kw) -> tuple[PerceiverResampler, PerceiverResampler]:
     defaults = dict(dim=32, depth=2, num_latents=3, heads=2, head_dim=16)
     defaults.update(kw)
     folded = PerceiverResampler(**defaults).double()
+    for layer in folded.layers:  # opt-in: not automatic for the resampler (see PerceiverResampler._folds)
+        layer.attn.fold_kv = True
     with torch.no_grad():  # norm affines away from (1, 0) so that folding them is exercised
         for name, p in folded.named_parameters():
             if "norm" in name:
@@ -69,7 +71,7 @@ def test_folded_resampler_equals_projected(case, masked, media_grad):
     assert_same(run(folded, x, weight, **call), run(projected, x, weight, **call))
 
 
-def test_the_fold_is_taken_where_it_pays(monkeypatch):
+def test_the_fold_is_taken_only_when_asked(monkeypatch):
     calls = []
     real = flamingo._folded_layer
     monkeypatch.setattr(flamingo, "_folded_layer", lambda *a: calls.append(1) or real(*a))
@@ -79,9 +81,10 @@ def test_the_fold_is_taken_where_it_pays(monkeypatch):
     assert len(calls) == 2  # every layer
     projected(x)
     assert len(calls) == 2  # switched off
-    # Many latents and narrow heads: projecting keys/values is cheaper, so the layers project.
-    wide = PerceiverResampler(dim=32, depth=1, num_latents=64, heads=8, head_dim=4)
-    wide(torch.randn(2, 7, 32))
+    # Automatic (fold_kv=None): the resampler projects, even where folding takes fewer multiply-adds.
+    automatic = PerceiverResampler(dim=32, depth=2, num_latents=3, heads=2, head_dim=16).double()
+    assert automatic.layers[0].attn._folds(3, 7 + 3)
+    automatic(x)
     assert len(calls) == 2
 
 
