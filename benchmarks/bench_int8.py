@@ -11,8 +11,11 @@ Models (random weights, norms randomised so their affine matters):
 fp32 and int8 forwards (no_grad) are timed round-robin in one process; medians with the spread. The
 error is max |int8 - fp32| / max |fp32| of the outputs; the stated bound is INT8_TOLERANCE (0.05).
 
-Expected on 2 shared cores: resampler ~2x, encoder ~1.5-2x (its attention over 50k keys stays fp32);
-relative error ~1e-2.
+Measured (2 threads, one speed.py run): on the AVX-512 VNNI machine of 2026-11-22 resampler 2.33x, encoder
+1.22x (keys/values projected then); on the AVX2-only AMD EPYC of 2026-12-01 resampler 1.60x, encoder 1.11x,
+relative errors 2.5e-2 and 2.9e-2 (7-bit activations there, see `resampler.quantize._reduce_range`). The
+encoder's fp32 forward attends in the inputs' own space (`Attention.attend_folded`): its attention over
+50k inputs, fp32 in both copies, is most of its time, so int8 Linears gain little there.
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@
 
 Parts (each is its own script too; the suite calls them in one process, except B13's subprocesses):
   gemm          measured fp32 GEMM FLOP/s of a 2048^3 torch.mm: the ceiling (benchmarks/common.py)
-  resampler     ours vs flamingo-pytorch vs Idefics2, fwd and fwd+bwd, fraction of the ceiling (bench_resampler.py)
+  resampler     ours vs flamingo-pytorch vs Idefics2, fwd and fwd+bwd, fraction of the ceiling
+                (bench_resampler.py; one thread, process CPU time)
   perceiver_io  ours vs transformers PerceiverModel vs perceiver-pytorch at 50k inputs / 512 latents,
                 peak memory at 256k inputs (bench_perceiver_io.py)
   int8          resampler.quantize int8 vs fp32 forward, resampler and Perceiver encoder (bench_int8.py)
@@ -64,7 +65,15 @@ def part_gemm(smoke: bool, _figures: Path) -> dict:
 def part_resampler(smoke: bool, _figures: Path) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "resampler.json"
-        bench_resampler.main((["--smoke"] if smoke else []) + ["--before", "--json", str(path)])
+        # One thread, process CPU time: with 2 threads the wall clock of this VM's two vCPUs spread
+        # 26-58% between repeats on an idle machine (2026-12-01), one thread 10-38%.
+        threads = torch.get_num_threads()
+        try:
+            bench_resampler.main(
+                (["--smoke"] if smoke else []) + ["--before", "--threads", "1", "--clock", "cpu", "--json", str(path)]
+            )
+        finally:
+            torch.set_num_threads(threads)
         result = json.loads(path.read_text())
     rows = {(r["mode"], r["model"]): r for r in result["rows"] if "ms" in r}  # (the GEMM row has only a rate)
     peers = [m for (mode, m) in rows if mode == "forward" and "(" not in m]  # ours(peer), before(peer): copies
