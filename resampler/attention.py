@@ -272,17 +272,15 @@ class Attention(nn.Module):
         """
         b, h, q_len, _ = q.shape
         hkv, groups, c = self.num_kv_heads, self.heads // self.num_kv_heads, context.shape[-1]
-        weight, v_bias = self.to_kv.weight, self.to_kv.bias
+        weight, bias = self.to_kv.weight, self.to_kv.bias
+        v_bias = None if bias is None else bias[hkv * self.head_dim :]  # (the keys' bias: dropped by softmax)
         if context_affine is not None:
             scale, shift = context_affine
             if shift is not None:  # (keys' part of the shift only adds a per-query constant: dropped)
                 shift = F.linear(shift, weight[hkv * self.head_dim :])  # (Hkv*dv,)
-                v_bias = shift if v_bias is None else v_bias[hkv * self.head_dim :] + shift
-            elif v_bias is not None:
-                v_bias = v_bias[hkv * self.head_dim :]
-            weight = weight if scale is None else weight * scale
-        elif v_bias is not None:
-            v_bias = v_bias[hkv * self.head_dim :]
+                v_bias = shift if v_bias is None else v_bias + shift
+            if scale is not None:
+                weight = weight * scale
         w_k, w_v = weight.split([hkv * self.head_dim, hkv * self.v_head_dim])
         w_k = w_k.view(hkv, self.head_dim, c)  # query head i uses key/value head i // groups
         w_v = w_v.view(hkv, self.v_head_dim, c)

@@ -161,16 +161,15 @@ class CrossAttentionBlock(nn.Module):
             # so a frozen context (pixels, features) carries no gradient through this block.
             affine = (self.norm_kv.weight, getattr(self.norm_kv, "bias", None))
             h = self.attn(q, normalize_without_affine(self.norm_kv, context), mask, context_affine=affine)
-            x = x + h if self.query_residual else h
-            return x + self.ff(self.norm_ff(x))
-        kv = self.norm_kv(context)
-        if self.kv_includes_queries:
-            if cache is not None:
-                raise ValueError("CrossAttentionBlock: a cache cannot be combined with kv_includes_queries")
-            kv = torch.cat([kv, q], dim=-2)  # (B, M + N, D): context first, then the queries
-            if mask is not None:
-                mask = _extend_mask_with_queries(mask, q.shape[-2])
-        h = self.attn(q, kv, mask, cache=cache)
+        else:
+            kv = self.norm_kv(context)
+            if self.kv_includes_queries:
+                if cache is not None:
+                    raise ValueError("CrossAttentionBlock: a cache cannot be combined with kv_includes_queries")
+                kv = torch.cat([kv, q], dim=-2)  # (B, M + N, D): context first, then the queries
+                if mask is not None:
+                    mask = _extend_mask_with_queries(mask, q.shape[-2])
+            h = self.attn(q, kv, mask, cache=cache)
         x = x + h if self.query_residual else h
         return x + self.ff(self.norm_ff(x))
 
