@@ -29,19 +29,7 @@ still pays the resampler's forward + backward ("connector-only" step below). The
 LM vocabulary is the tests' 321-token BPE, so the LM head is cheap here (a real 32k-150k vocabulary adds
 its own cost to the cached step and lowers the ratio further).
 
-Measured 2026-11-22 on the 2-core machine, nearly idle (full run 2 min 47 s), batch 8, samples/s:
-
-  configuration           from images  from cache  ratio  Amdahl bound  with a free LM
-  ViT-B-32 + LM 2x256        11.3         25.4     2.24x     2.26x          2.50x
-  ViT-B-32 + LM 4x512         8.0         13.1     1.64x     1.63x          2.54x   (headline; compute only 1.61x)
-  ViT-B-32 + LM 8x1024        2.45         2.83    1.16x     1.14x          2.35x
-  ViT-B-16 + LM 2x256         4.1         21.0     5.14x     5.10x          5.86x
-  ViT-L-14 + LM 2x256         1.0         13.8    13.8x     13.8x          15.7x
-
-With ViT-B/32 (49 patches, ~390 ms of decode + tower per step) no LM size reaches 5x: even a free LM
-leaves the resampler + projector + AdamW step (~250 ms), so the bound is ~2.5x. Caching pays >= 5x when
-the tower's forward is >= 4x the cached step: ViT-B/16 with a small LM; ViT-L/14 while the cached step
-stays under ~1.9 s (removed / 4; the 8 x 1024 LM alone, 2.8 s, is past it).
+Results of the last run (the table and where the ratio crosses 5x): docs/speed.md, adapter part.
 """
 
 from __future__ import annotations

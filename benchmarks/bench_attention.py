@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import interleaved_ms, peak_memory_mb, spread  # noqa: E402
 
-from resampler import Attention  # noqa: E402
+from resampler import Attention, AttentionSpec  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -34,7 +34,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     head_dim = args.latent_dim // args.heads
-    attn = Attention(args.latent_dim, args.input_dim, heads=args.heads, head_dim=head_dim, qkv_bias=True)
+    spec = AttentionSpec(heads=args.heads, head_dim=head_dim, qkv_bias=True)
+    attns = {
+        True: Attention(args.latent_dim, args.input_dim, spec),
+        False: Attention(args.latent_dim, args.input_dim, spec.replace(use_sdpa=False)),
+    }
+    attns[False].load_state_dict(attns[True].state_dict())
     latents = torch.randn(1, args.latents, args.latent_dim, requires_grad=True)
     inputs = torch.randn(1, args.inputs, args.input_dim)
     mask = torch.ones(1, args.inputs, dtype=torch.bool)
@@ -42,18 +47,14 @@ def main(argv: list[str] | None = None) -> None:
 
     def step(use_sdpa: bool):
         def run():
-            attn.use_sdpa = use_sdpa
-            attn.zero_grad(set_to_none=True)
+            attns[use_sdpa].zero_grad(set_to_none=True)
             latents.grad = None
-            attn(latents, inputs, mask).sum().backward()
+            attns[use_sdpa](latents, inputs, mask).sum().backward()
 
         return run
 
     with torch.no_grad():
-        attn.use_sdpa = True
-        fast = attn(latents, inputs, mask)
-        attn.use_sdpa = False
-        diff = (fast - attn(latents, inputs, mask)).abs().max().item()
+        diff = (attns[True](latents, inputs, mask) - attns[False](latents, inputs, mask)).abs().max().item()
     fns = {"sdpa": step(True), "reference": step(False)}
     times = interleaved_ms(fns, warmup=1, repeats=args.repeats)
     memory = {name: peak_memory_mb(fn) for name, fn in fns.items()}

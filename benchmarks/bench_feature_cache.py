@@ -10,8 +10,7 @@ Prints samples/s of each, the ratio (goal >= 5x), the one-off caching time, and 
 Towers: ``tiny`` = the tests' tiny ViT (32 px, 16 patches x 48), ``vit-b-32`` = open_clip ViT-B-32
 (224 px, 49 patches x 768), the realistic default.
 
-Measured 2026-11-22 on the shared 2-core machine (load ~12, so absolute numbers are low and noisy):
-tiny 49 -> 598 samples/s (12x; 256 samples, 1 worker), ViT-B-32 2.1 -> 273 samples/s (129x).
+Results of the last run: docs/speed.md.
 """
 
 from __future__ import annotations

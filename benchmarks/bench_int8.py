@@ -11,11 +11,9 @@ Models (random weights, norms randomised so their affine matters):
 fp32 and int8 forwards (no_grad) are timed round-robin in one process; medians with the spread. The
 error is max |int8 - fp32| / max |fp32| of the outputs; the stated bound is INT8_TOLERANCE (0.05).
 
-Measured (2 threads, one speed.py run): on the AVX-512 VNNI machine of 2026-11-22 resampler 2.33x, encoder
-1.22x (keys/values projected then); on the AVX2-only AMD EPYC of 2026-12-01 resampler 1.60x, encoder 1.11x,
-relative errors 2.5e-2 and 2.9e-2 (7-bit activations there, see `resampler.quantize._reduce_range`). The
-encoder's fp32 forward attends in the inputs' own space (`Attention.attend_folded`): its attention over
-50k inputs, fp32 in both copies, is most of its time, so int8 Linears gain little there.
+The encoder's cross-attend attends in the inputs' own space (`resampler.nn.folded`): its attention over
+50k inputs, fp32 in both copies, is most of its time, so int8 Linears gain little there. Results of the
+last run: docs/speed.md (int8 part).
 """
 
 from __future__ import annotations
@@ -31,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import interleaved_ms, report, spread  # noqa: E402
 
-from resampler.flamingo import PerceiverResampler  # noqa: E402
-from resampler.perceiver import PerceiverEncoder, PerceiverEncoderConfig  # noqa: E402
+from resampler.models.perceiver import PerceiverEncoder, PerceiverEncoderConfig  # noqa: E402
+from resampler.models.resampler import PerceiverResampler, ResamplerConfig  # noqa: E402
 from resampler.quantize import INT8_TOLERANCE, quantize_int8  # noqa: E402
 
 SIZES = {
@@ -56,9 +54,10 @@ def _randomise_norms(model: torch.nn.Module) -> None:
 def build(kind: str, s: dict) -> tuple[torch.nn.Module, torch.Tensor]:
     torch.manual_seed(0)
     if kind == "resampler":
-        model = PerceiverResampler(
+        config = ResamplerConfig(
             dim=s["dim"], depth=s["depth"], num_latents=s["num_latents"], heads=s["heads"], head_dim=s["head_dim"]
         )
+        model = PerceiverResampler(config)
         x = torch.randn(s["batch"], s["patches"], s["dim"])
     else:
         config = PerceiverEncoderConfig(

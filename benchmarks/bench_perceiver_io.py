@@ -10,17 +10,15 @@ ImageNet Perceiver), 512 latents x 512, one cross-attend with 1 head (qk = v = C
 biases, a classification decoder; perceiver-pytorch: GEGLU MLP x4, no biases, returns the latents), so
 each peer gets its own copy of ours made by our converter (`from_hf_perceiver`, `from_perceiver_pytorch`),
 and outputs and input gradients are checked equal at a small M before anything is timed. One more copy
-of ours with ``fold_kv=False`` (keys and values projected from the 50k inputs, as the peers do) shows
-what attending in the inputs' own space (`Attention.attend_folded`) buys.
+of ours with keys and values projected from the 50k inputs (as the peers do) shows what attending in the
+inputs' own space (`resampler.nn.folded`) buys.
 
 Timed round-robin in one process (the machine is shared): forward (no_grad) and forward+backward (all
 weights trainable; the inputs are pixels + Fourier features, so no input gradient unless --input-grad), medians of ``--repeats`` with the spread (max-min)/median. Peak memory:
 torch CPU allocations seen by the profiler during one forward at ``--memory-inputs`` (262,144) inputs,
 and one forward+backward at M.
 
-Measured 2026-12-01 (2 threads, AVX2 AMD EPYC, speed.py): forward+backward ours 2.01x transformers and
-1.74x perceiver-pytorch (keys/values projected, as before the fold: 1.03x transformers); forward peak memory
-at 256k inputs 0.15x transformers' (no (N x M) score matrix, no projected keys/values).
+Results of the last run: docs/speed.md (perceiver_io part).
 """
 
 from __future__ import annotations
@@ -38,9 +36,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import interleaved_ms, peak_memory_mb, report, spread  # noqa: E402
 
-from resampler.attention import Attention  # noqa: E402
 from resampler.convert import from_hf_perceiver  # noqa: E402
 from resampler.convert.perceiver_pytorch import from_perceiver_pytorch  # noqa: E402
+from resampler.nn.attention import Attention  # noqa: E402
+from resampler.nn.blocks import CrossAttentionBlock  # noqa: E402
 
 
 @dataclass
@@ -108,16 +107,25 @@ def hf_call(model: torch.nn.Module):
     return lambda x: model(inputs=x).logits
 
 
+def projected_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy whose folded cross-attends project their inputs to keys/values instead (same weights)."""
+    model = copy.deepcopy(model)
+    for block in model.modules():
+        if isinstance(block, CrossAttentionBlock) and block.fold:
+            attn = block.attn
+            plain = Attention(attn.q_dim, attn.kv_dim, attn.spec, out_dim=attn.out_dim)
+            plain.load_state_dict(attn.state_dict())
+            block.attn, block.fold = plain, False
+    return model
+
+
 def build_all(size: Size) -> dict[str, tuple[torch.nn.Module, object]]:
     """name -> (module, call(inputs) -> output tensor)."""
     hf = build_hf(size)
     lucid = build_lucidrains(size)
     ours_hf = from_hf_perceiver(hf).eval()
     ours_lucid = from_perceiver_pytorch(lucid).eval()
-    projected = copy.deepcopy(ours_hf)
-    for module in projected.modules():
-        if isinstance(module, Attention):
-            module.fold_kv = False
+    projected = projected_copy(ours_hf)
     return {
         "transformers": (hf, hf_call(hf)),
         "ours (as transformers)": (ours_hf, ours_hf),

@@ -9,6 +9,7 @@ numbers drift; ratios measured in the same run are what we report).
     gemm_workload(flops, n=2048)         -> (fn, flops): square torch.mm's totalling about ``flops``, to time
                                             the ceiling inside an interleaved run (same load as the peers)
     interleaved_ms({name: fn}, ...)      -> {name: median ms}, runs the peers round-robin so drift hits all
+    alternating_ms({name: fn}, ...)      -> the same from a plain alternating loop (a second harness)
 """
 
 from __future__ import annotations
@@ -19,7 +20,16 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["report", "median_ms", "interleaved_ms", "peak_memory_mb", "gemm_flops", "gemm_workload", "spread"]
+__all__ = [
+    "report",
+    "median_ms",
+    "interleaved_ms",
+    "alternating_ms",
+    "peak_memory_mb",
+    "gemm_flops",
+    "gemm_workload",
+    "spread",
+]
 
 
 def _time_once(fn: Callable[[], object], clock: Callable[[], float] = time.perf_counter) -> float:
@@ -54,6 +64,23 @@ def interleaved_ms(
     for _ in range(repeats):
         for name, fn in fns.items():
             samples[name].append(_time_once(fn, clock))
+    return {name: (statistics.median(s), s) for name, s in samples.items()}
+
+
+def alternating_ms(
+    fns: dict[str, Callable[[], object]],
+    warmup: int = 3,
+    repeats: int = 5,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, tuple[float, list[float]]]:
+    """Median ms of each function from a plain loop A B C A B C ..., the first ``warmup`` rounds dropped:
+    a second harness for `interleaved_ms`, which warms each function up on its own first."""
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for i in range(warmup + repeats):
+        for name, fn in fns.items():
+            ms = _time_once(fn, clock)
+            if i >= warmup:
+                samples[name].append(ms)
     return {name: (statistics.median(s), s) for name, s in samples.items()}
 
 

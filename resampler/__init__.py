@@ -1,35 +1,56 @@
-"""perceiver-vlm's Perceiver family: one attention core and the models built on it."""
+"""perceiver-vlm's Perceiver family: one attention core (`resampler.nn`) and the models built on it.
 
-from .attention import Attention, KVCache, causal_mask
-from .blocks import CrossAttentionBlock, FeedForward, SelfAttentionBlock, make_norm
-from .decoders import (
+resampler.nn        attention, kernels, folded cross-attention, blocks, position encodings
+resampler.models    Perceiver, Perceiver IO, Perceiver AR, the Perceiver Resampler
+resampler.convert   weight converters from transformers, flamingo-pytorch, perceiver-pytorch
+resampler.quantize  int8 CPU inference for any model built from the blocks
+resampler.config    typed dataclass configs <-> YAML
+"""
+
+from .models import (
+    AudioPreprocessor,
     ClassificationDecoder,
     EmbeddingDecoder,
     FlowDecoder,
     FourierQueries,
+    ImagePreprocessor,
     LearnedQueries,
     MultimodalDecoder,
+    MultimodalPreprocessor,
+    OneHotPreprocessor,
+    PerceiverAR,
+    PerceiverARConfig,
+    PerceiverClassifier,
     PerceiverDecoder,
+    PerceiverEncoder,
+    PerceiverEncoderConfig,
+    PerceiverIO,
+    PerceiverMaskedLM,
+    PerceiverMultimodalAutoencoder,
+    PerceiverOpticalFlow,
+    PerceiverResampler,
+    PointCloudPreprocessor,
     ProjectionDecoder,
+    ResamplerConfig,
+    TextPreprocessor,
 )
-from .flamingo import PerceiverResampler
-from .perceiver import PerceiverClassifier, PerceiverEncoder, PerceiverEncoderConfig
-from .perceiver_ar import PerceiverAR, PerceiverARConfig
-from .perceiver_io import PerceiverIO, PerceiverMaskedLM, PerceiverMultimodalAutoencoder, PerceiverOpticalFlow
-from .position import (
+from .nn import (
+    Attention,
+    AttentionSpec,
+    CrossAttentionBlock,
+    FeedForward,
+    FeedForwardSpec,
+    FoldedAttention,
     FourierPositionEncoding,
+    KVCache,
     LearnedPositionEncoding,
+    NormSpec,
+    SelfAttentionBlock,
+    causal_mask,
     fourier_feature_dim,
     fourier_features,
     linear_positions,
-)
-from .preprocessors import (
-    AudioPreprocessor,
-    ImagePreprocessor,
-    MultimodalPreprocessor,
-    OneHotPreprocessor,
-    PointCloudPreprocessor,
-    TextPreprocessor,
+    make_norm,
 )
 from .quantize import quantize_int8
 from .tokenizer import ByteTokenizer
@@ -38,14 +59,23 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Attention",
+    "AttentionSpec",
+    "FoldedAttention",
     "KVCache",
     "causal_mask",
     "CrossAttentionBlock",
     "FeedForward",
+    "FeedForwardSpec",
+    "NormSpec",
     "SelfAttentionBlock",
     "make_norm",
-    "PerceiverResampler",
     "quantize_int8",
+    "ByteTokenizer",
+    "FourierPositionEncoding",
+    "LearnedPositionEncoding",
+    "fourier_feature_dim",
+    "fourier_features",
+    "linear_positions",
     "PerceiverEncoderConfig",
     "PerceiverEncoder",
     "PerceiverClassifier",
@@ -69,10 +99,6 @@ __all__ = [
     "PointCloudPreprocessor",
     "OneHotPreprocessor",
     "MultimodalPreprocessor",
-    "ByteTokenizer",
-    "FourierPositionEncoding",
-    "LearnedPositionEncoding",
-    "fourier_feature_dim",
-    "fourier_features",
-    "linear_positions",
+    "ResamplerConfig",
+    "PerceiverResampler",
 ]

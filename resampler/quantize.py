@@ -7,17 +7,11 @@ What changes: each ``nn.Linear`` becomes an `Int8Linear` whose weight is per-out
 int8 and whose input is quantized per call (dynamic quantization, ``torch.ops.quantized.linear_dynamic``).
 Attention scores, softmax, norms and residuals stay fp32. Nothing else in the model changes, so every
 model built from our blocks works: `PerceiverEncoder`, `PerceiverIO`, `PerceiverResampler` (its media
-keys/values, the largest GEMM, go through ``to_kv`` too; code that folds a norm affine into a weight,
-``F.linear(x, weight * w, bias)``, also stays int8: `Int8Weight` answers that with a cached int8 product).
+keys/values, the largest GEMM, go through ``to_kv`` too).
 
-Measured against torch.ao's ``quantize_dynamic`` on the same resampler (dim 1024, depth 2, batch 4, one
-thread): 47 ms vs 57 ms (fp32 240 ms), max relative error 0.004 vs 0.009, so this is the one path.
-
-Accuracy (see tests/test_quantize.py): relative error ``max|int8 - fp32| / max|fp32|`` of the outputs is
-about 1e-2 (AVX-512 VNNI) to 3e-2 (AVX2, 7-bit activations) for the resampler and the Perceiver
-encoder with random weights; the stated bound is ``INT8_TOLERANCE`` = 0.05. Speed (bench_int8.py,
-Flamingo-size resampler, 2 threads): 2.33x the fp32 forward with AVX-512 VNNI, 1.60x on an
-AVX2-only AMD EPYC.
+Accuracy (tests/test_quantize.py): the relative error ``max|int8 - fp32| / max|fp32|`` of a model's
+outputs is bounded by ``INT8_TOLERANCE``. Speed against fp32 and against torch.ao's
+``quantize_dynamic``: ``benchmarks/bench_int8.py`` (results in docs/speed.md).
 """
 
 from __future__ import annotations
@@ -27,11 +21,9 @@ import functools
 import warnings
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils._pytree import tree_map
 
-__all__ = ["Int8Linear", "Int8Weight", "quantize_int8", "INT8_TOLERANCE", "int8_supported"]
+__all__ = ["Int8Linear", "quantize_int8", "INT8_TOLERANCE", "int8_supported"]
 
 INT8_TOLERANCE = 0.05  # max |int8 - fp32| / max |fp32| of a model's output
 
@@ -46,8 +38,8 @@ def _reduce_range() -> bool:
     """Quantize activations to 7 bits unless the CPU has AVX-512 VNNI.
 
     Without VNNI, fbgemm's AVX2 kernel sums pairs of u8 x s8 products in saturating int16
-    (``vpmaddubsw``): full-range activations overflow there (5% output error on the resampler, measured
-    on an AVX2-only AMD EPYC), 7-bit ones cannot (0.5%). With VNNI the products accumulate in int32.
+    (``vpmaddubsw``): full-range activations can overflow there, 7-bit ones cannot. With VNNI the
+    products accumulate in int32.
     """
     return not torch.cpu._is_vnni_supported()
 
@@ -65,75 +57,12 @@ def _pack(weight: Tensor, bias: Tensor | None):
     return packed, dequant
 
 
-class Int8Weight(Tensor):
-    """An fp32-looking (out, in) weight whose ``F.linear`` runs as an int8 GEMM.
-
-    Any other operation sees the dequantized fp32 weight, except ``weight * v`` with v of shape (in,)
-    (a norm affine folded into the weight), which returns another `Int8Weight`, cached per v.
-    """
-
-    @staticmethod
-    def __new__(cls, weight: Tensor, bias: Tensor | None = None):
-        return Tensor._make_wrapper_subclass(cls, weight.shape, dtype=torch.float32, device=weight.device)
-
-    def __init__(self, weight: Tensor, bias: Tensor | None = None) -> None:
-        self.packed, self.dequant = _pack(weight, bias)
-        self.has_bias = bias is not None
-        self._folded: dict[tuple[int, int], Int8Weight] = {}
-
-    def __repr__(self) -> str:
-        return f"Int8Weight(shape={tuple(self.shape)}, per-channel symmetric int8)"
-
-    def linear(self, x: Tensor) -> Tensor:
-        """x (..., in) -> (..., out) through the int8 GEMM (bias included if packed)."""
-        shape = x.shape
-        x = x.reshape(-1, shape[-1]).contiguous().float()
-        out = torch.ops.quantized.linear_dynamic(x, self.packed, _reduce_range())
-        return out.view(*shape[:-1], out.shape[-1]).to(x.dtype)  # (..., out)
-
-    def scaled_by(self, v: Tensor) -> Int8Weight:
-        key = (v.data_ptr(), v._version)
-        if key not in self._folded:
-            self._folded = {key: Int8Weight(self.dequant * v.detach().float())}  # keep one: weights are fixed
-        return self._folded[key]
-
-    @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.linear and isinstance(args[1], Int8Weight) and not isinstance(args[0], Int8Weight):
-            x, w = args[0], args[1]
-            b = args[2] if len(args) > 2 else kwargs.get("bias")
-            if not torch.is_grad_enabled() or not x.requires_grad:
-                out = w.linear(x)
-                if b is not None:
-                    out = out + b
-                return out
-        if func in (Tensor.mul, Tensor.__mul__, torch.mul, Tensor.__rmul__) and len(args) == 2:
-            a, v = args if isinstance(args[0], Int8Weight) else (args[1], args[0])
-            is_row_scale = isinstance(v, Tensor) and not isinstance(v, Int8Weight) and v.dim() == 1
-            if isinstance(a, Int8Weight) and is_row_scale and v.shape[0] == a.shape[1]:
-                return a.scaled_by(v)
-        args, kwargs = tree_map(_dequant, (args, kwargs))
-        with torch._C.DisableTorchFunctionSubclass():
-            return func(*args, **kwargs)
-
-    @classmethod
-    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        args, kwargs = tree_map(_dequant, (args, kwargs or {}))
-        return func(*args, **kwargs)
-
-
-def _dequant(value):
-    return value.dequant if isinstance(value, Int8Weight) else value
-
-
 class Int8Linear(nn.Module):
-    """Drop-in inference replacement of an ``nn.Linear``: int8 weight (per output channel), fp32 bias."""
+    """Drop-in inference replacement of an ``nn.Linear``: int8 weight (per output channel), fp32 bias.
 
-    # `Attention` may still attend in the context's own space with this as its to_kv: the folded path
-    # reads the (dequantized) weight, so the int8 copy does the same, smaller, work as the fp32 model
-    # instead of projecting 50k inputs to keys and values first.
-    folds_like_linear = True
+    ``weight`` is the dequantized fp32 weight, for code that reads it rather than calling the layer
+    (`FoldedAttention` maps its queries through the key/value weight: it never runs that GEMM).
+    """
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
@@ -142,14 +71,20 @@ class Int8Linear(nn.Module):
         if linear.weight.device.type != "cpu":
             raise ValueError(f"Int8Linear runs on CPU only, the weight is on {linear.weight.device}")
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = Int8Weight(linear.weight)
         self.bias = None if linear.bias is None else linear.bias.detach().float().clone()
+        self.packed, dequant = _pack(linear.weight, self.bias)
+        self.register_buffer("weight", dequant, persistent=False)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight, self.bias)
+        """x (..., in) -> (..., out) through the int8 GEMM (bias included)."""
+        shape = x.shape
+        out = torch.ops.quantized.linear_dynamic(
+            x.reshape(-1, shape[-1]).contiguous().float(), self.packed, _reduce_range()
+        )
+        return out.view(*shape[:-1], out.shape[-1]).to(x.dtype)  # (..., out)
 
 
 def quantize_int8(model: nn.Module, *, min_features: int = 1) -> nn.Module:

@@ -9,12 +9,15 @@ import torch
 
 from resampler import (
     Attention,
+    AttentionSpec,
     CrossAttentionBlock,
+    NormSpec,
     PerceiverARConfig,
     PerceiverEncoderConfig,
     PerceiverResampler,
     SelfAttentionBlock,
 )
+from resampler import ResamplerConfig as ModelResamplerConfig
 
 ERRORS = (ValueError, TypeError)
 B, Q, M, D, C = 2, 3, 5, 8, 6
@@ -29,9 +32,9 @@ def _check(fn, pattern: str) -> None:
 # The core: Attention, blocks, resampler
 
 attn = Attention(D, C, heads=2, head_dim=4)
-block = CrossAttentionBlock(D, C, heads=2)
-self_block = SelfAttentionBlock(D, heads=2)
-resampler = PerceiverResampler(D, 1, 4, heads=2, head_dim=4, max_media=2, num_patch_positions=None)
+block = CrossAttentionBlock(D, C, AttentionSpec(heads=2))
+self_block = SelfAttentionBlock(D, AttentionSpec(heads=2))
+resampler = PerceiverResampler(ModelResamplerConfig(dim=D, depth=1, num_latents=4, heads=2, head_dim=4, max_media=2))
 x, ctx = torch.randn(B, Q, D), torch.randn(B, M, C)
 bool_ones = lambda *shape: torch.ones(*shape, dtype=torch.bool)  # noqa: E731
 
@@ -93,24 +96,45 @@ CORE_CONFIGS = {
     "attn zero heads": (lambda: Attention(8, heads=0), r"heads must be a positive int"),
     "attn kv heads": (lambda: Attention(8, heads=4, num_kv_heads=3), r"num_kv_heads=3 must divide heads=4"),
     "attn dropout": (lambda: Attention(8, dropout=1.0), r"dropout must be in \[0, 1\)"),
-    "attn chunk": (lambda: Attention(8, query_chunk_size=0), r"query_chunk_size must be positive"),
-    "block heads divide": (lambda: CrossAttentionBlock(10, 6, heads=3), r"heads=3 must divide q_dim=10"),
-    "block zero heads": (lambda: CrossAttentionBlock(8, 6, heads=0), r"heads must be a positive int"),
-    "self block heads divide": (lambda: SelfAttentionBlock(10, heads=4), r"heads=4 must divide dim=10"),
-    "block norm": (lambda: CrossAttentionBlock(8, 6, norm="batchnorm"), r"norm must be 'layernorm' or 'rmsnorm'"),
+    "attn unknown option": (lambda: Attention(8, query_chunk_size=0), r"unexpected keyword argument"),
+    "block heads divide": (lambda: CrossAttentionBlock(10, 6, AttentionSpec(heads=3)), r"heads=3 must divide q_dim=10"),
+    "block zero heads": (
+        lambda: CrossAttentionBlock(8, 6, AttentionSpec(heads=0)),
+        r"heads must be a positive int",
+    ),
+    "self block heads divide": (lambda: SelfAttentionBlock(10, AttentionSpec(heads=4)), r"heads=4 must divide dim=10"),
+    "block norm": (
+        lambda: CrossAttentionBlock(8, 6, norm=NormSpec("batchnorm")),
+        r"norm must be 'layernorm' or 'rmsnorm'",
+    ),
     "block residual width": (
         lambda: CrossAttentionBlock(8, 6, out_dim=4),
         r"query_residual needs out_dim == q_dim",
     ),
-    "resampler zero latents": (lambda: PerceiverResampler(8, 1, 0), r"num_latents must be a positive int"),
-    "resampler negative width": (lambda: PerceiverResampler(-8, 1, 4), r"dim must be a positive int"),
-    "resampler zero depth": (lambda: PerceiverResampler(8, 0, 4), r"depth must be a positive int"),
-    "resampler zero heads": (lambda: PerceiverResampler(8, 1, 4, heads=0), r"heads must be a positive int"),
-    "resampler kv heads": (
-        lambda: PerceiverResampler(8, 1, 4, heads=4, num_kv_heads=3),
-        r"num_kv_heads=3 must divide heads=4",
+    "resampler zero latents": (
+        lambda: PerceiverResampler(ModelResamplerConfig(dim=8, depth=1, num_latents=0)),
+        r"resampler.num_latents must be positive",
     ),
-    "resampler out_dim": (lambda: PerceiverResampler(8, 1, 4, out_dim=0), r"out_dim must be None or a positive int"),
+    "resampler negative width": (
+        lambda: PerceiverResampler(ModelResamplerConfig(dim=-8, depth=1, num_latents=4)),
+        r"resampler.dim must be positive",
+    ),
+    "resampler zero depth": (
+        lambda: PerceiverResampler(ModelResamplerConfig(dim=8, depth=0, num_latents=4)),
+        r"resampler.depth must be positive",
+    ),
+    "resampler zero heads": (
+        lambda: PerceiverResampler(ModelResamplerConfig(dim=8, depth=1, num_latents=4, heads=0)),
+        r"resampler.heads must be positive",
+    ),
+    "resampler kv heads": (
+        lambda: PerceiverResampler(ModelResamplerConfig(dim=8, depth=1, num_latents=4, heads=4, num_kv_heads=3)),
+        r"resampler.num_kv_heads=3 must divide resampler.heads=4",
+    ),
+    "resampler out_dim": (
+        lambda: PerceiverResampler(ModelResamplerConfig(dim=8, depth=1, num_latents=4, out_dim=0)),
+        r"resampler.out_dim must be positive",
+    ),
     "encoder heads divide": (
         lambda: PerceiverEncoderConfig(input_dim=8, latent_dim=10, num_latents=4, cross_heads=3),
         r"multiple of heads=3",

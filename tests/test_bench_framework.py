@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from resampler.bench import TASKS, BenchConfig, TaskConfigs, load_task_config
-from resampler.bench.cli import main
-from resampler.bench.common import TaskResult, update_results_table, write_record
-from resampler.bench.config import CONFIG_DIR
+from perceiver_bench import TASKS, BenchConfig, TaskConfigs, load_task_config
+from perceiver_bench.cli import main
+from perceiver_bench.common import TaskResult, update_results_table, write_record
+from perceiver_bench.config import CONFIG_DIR
 from resampler.config import from_dict, load_config
 
 
@@ -89,7 +89,7 @@ def test_cli_run_writes_record_and_table(tmp_path: Path):
 
 
 def test_fit_slope_recovers_a_power_law():
-    from resampler.bench.scaling import fit_slope
+    from perceiver_bench.scaling import fit_slope
 
     lengths = [1024 * 2**i for i in range(6)]
     assert abs(fit_slope(lengths, [3e-6 * m**1.0 for m in lengths]) - 1.0) < 1e-9
@@ -99,9 +99,9 @@ def test_fit_slope_recovers_a_power_law():
 def test_generators_are_deterministic_and_well_formed():
     import torch
 
-    from resampler.bench.entities import make_sets
-    from resampler.bench.mirror_copy import make_sequences
-    from resampler.bench.point_clouds import sample_shape
+    from perceiver_bench.entities import make_sets
+    from perceiver_bench.mirror_copy import make_sequences
+    from perceiver_bench.point_clouds import sample_shape
 
     gen = torch.Generator().manual_seed(0)
     sphere = sample_shape("sphere", 100, gen)

@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from resampler.bench import run_task
+from perceiver_bench import run_task
 
 
 def test_b1_digits_learns():

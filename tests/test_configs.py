@@ -1,21 +1,19 @@
-"""Every YAML under configs/ loads into its dataclass (without building any model)."""
+"""Every YAML under configs/ and perceiver_bench/configs/ loads into its dataclass (without building any model)."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import yaml
 
+from perceiver_bench.config import CONFIG_DIR as BENCH_CONFIGS
 from resampler.config import from_dict, load_config, to_dict
 from vlm.run_config import RunConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-ALL = sorted(p for p in CONFIGS.rglob("*.yaml"))
-PERCEIVER = CONFIGS / "perceiver"
-RUN = [p for p in ALL if PERCEIVER not in p.parents]
-BENCH = [p for p in ALL if PERCEIVER in p.parents]
+RUN = sorted(p for p in CONFIGS.rglob("*.yaml"))
+BENCH = sorted(BENCH_CONFIGS.glob("*.yaml"))
 
 
 def test_configs_exist():
@@ -48,13 +46,15 @@ def test_standin_sizes_agree_in_embedded_configs():
         assert positions in (None, (v.image_size // v.patch_size) ** 2), path
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("resampler.bench") is None,
-    reason="resampler.bench (the benchmarks engineer's BenchConfig) does not exist yet",
-)
-@pytest.mark.parametrize("path", BENCH, ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_every_benchmark_task_ships_a_config():
+    from perceiver_bench import TASKS
+
+    assert {p.stem for p in BENCH} == set(TASKS)
+
+
+@pytest.mark.parametrize("path", BENCH, ids=lambda p: p.name)
 def test_perceiver_bench_config_loads(path):
-    from resampler.bench.config import BenchConfig, TaskConfigs
+    from perceiver_bench.config import BenchConfig, TaskConfigs
 
     configs = from_dict(TaskConfigs, yaml.safe_load(path.read_text()), where=path.name)
     assert isinstance(configs.smoke, BenchConfig) and isinstance(configs.full, BenchConfig)

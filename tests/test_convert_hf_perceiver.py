@@ -9,8 +9,8 @@ from transformers import PerceiverConfig
 from transformers.models.perceiver import modeling_perceiver as hf_mod
 
 from resampler.convert import from_hf_perceiver
-from resampler.decoders import ClassificationDecoder, PerceiverDecoder, ProjectionDecoder
-from resampler.perceiver_io import PerceiverIO
+from resampler.models.decoders import ClassificationDecoder, PerceiverDecoder, ProjectionDecoder
+from resampler.models.perceiver_io import PerceiverIO
 
 warnings.filterwarnings("ignore", category=UserWarning)
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from resampler.perceiver import PerceiverClassifier, PerceiverEncoder, PerceiverEncoderConfig
-from resampler.position import fourier_feature_dim, fourier_features, linear_positions
+from resampler.models.perceiver import PerceiverClassifier, PerceiverEncoder, PerceiverEncoderConfig
+from resampler.nn.position import fourier_feature_dim, fourier_features, linear_positions
 
 
 def _config(**overrides) -> PerceiverEncoderConfig:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from resampler.perceiver_ar import PerceiverAR, PerceiverARCache, PerceiverARConfig
+from resampler.models.perceiver_ar import PerceiverAR, PerceiverARCache, PerceiverARConfig
 
 
 def _model(**overrides) -> PerceiverAR:

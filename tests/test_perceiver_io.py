@@ -3,26 +3,26 @@
 import pytest
 import torch
 
-from resampler.decoders import (
+from resampler.models.decoders import (
     AudioPatchHead,
     ClassHead,
     ClassificationDecoder,
     FlowDecoder,
     FourierQueries,
     LearnedQueries,
-    MultimodalDecoder,
     PerceiverDecoder,
 )
-from resampler.perceiver import PerceiverEncoderConfig
-from resampler.perceiver_io import PerceiverIO, PerceiverMaskedLM, PerceiverMultimodalAutoencoder
-from resampler.position import linear_positions
-from resampler.preprocessors import (
-    AudioPreprocessor,
-    ImagePreprocessor,
+from resampler.models.multimodal import (
+    MultimodalDecoder,
     MultimodalPreprocessor,
     OneHotPreprocessor,
-    TextPreprocessor,
+    PerceiverMultimodalAutoencoder,
 )
+from resampler.models.perceiver import PerceiverEncoderConfig
+from resampler.models.perceiver_io import PerceiverIO, PerceiverMaskedLM
+from resampler.models.preprocessors import AudioPreprocessor, ImagePreprocessor, TextPreprocessor
+from resampler.nn.attention import AttentionSpec
+from resampler.nn.position import linear_positions
 
 ENC = {"num_latents": 5, "latent_dim": 16, "num_self_attends_per_block": 2, "self_heads": 2}
 TOL = {"atol": 1e-5, "rtol": 1e-5}
@@ -35,7 +35,9 @@ def _io(queries="fourier", chunk_size=None, input_dim=10, **enc) -> PerceiverIO:
         "caller": None,
     }[queries]
     query_dim = input_dim if queries == "caller" else 12
-    decoder = PerceiverDecoder(16, query_dim, 3, queries=source, heads=2, qk_dim=8, chunk_size=chunk_size)
+    decoder = PerceiverDecoder(
+        16, query_dim, 3, queries=source, attn=AttentionSpec(heads=2, head_dim=4, qkv_bias=True), chunk_size=chunk_size
+    )
     return PerceiverIO(
         PerceiverEncoderConfig(input_dim=input_dim, **{**ENC, **enc}), decoder, queries_from_inputs=queries == "caller"
     )
@@ -98,7 +100,9 @@ def test_flow_sized_decoding_is_chunked_and_memory_bounded():
     torch.manual_seed(0)
     h, w, chunk = 368, 496, 4096
     queries = FourierQueries((h, w), 2, max_resolution=(h, w))
-    decoder = PerceiverDecoder(8, queries.dim, 2, queries=queries, qk_dim=8, chunk_size=chunk).eval()
+    decoder = PerceiverDecoder(
+        8, queries.dim, 2, queries=queries, attn=AttentionSpec(heads=1, head_dim=8, qkv_bias=True), chunk_size=chunk
+    ).eval()
     seen, made = [], []
     decoder.block.register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[1]))
     queries.register_forward_hook(lambda mod, args, out: made.append(out.shape[1]))
@@ -153,7 +157,7 @@ def test_padding_changes_nothing():
 def test_masked_lm_and_image_classifier_shapes_and_gradients():
     torch.manual_seed(0)
     text = TextPreprocessor(262, 24, 32)
-    decoder = PerceiverDecoder(16, 24, None, queries=LearnedQueries(32, 24), heads=4, qk_dim=16)
+    decoder = PerceiverDecoder(16, 24, None, queries=LearnedQueries(32, 24), attn=AttentionSpec(heads=4, qkv_bias=True))
     mlm = PerceiverMaskedLM(text, PerceiverEncoderConfig(input_dim=24, **ENC), decoder)
     tokens = torch.randint(0, 262, (2, 11))
     logits = mlm(tokens, query_index=torch.arange(11))
@@ -176,7 +180,7 @@ def test_masked_lm_and_image_classifier_shapes_and_gradients():
 def test_masked_lm_right_padding_changes_nothing():
     torch.manual_seed(0)
     text = TextPreprocessor(262, 24, 32)
-    decoder = PerceiverDecoder(16, 24, None, queries=LearnedQueries(32, 24), heads=4, qk_dim=16)
+    decoder = PerceiverDecoder(16, 24, None, queries=LearnedQueries(32, 24), attn=AttentionSpec(heads=4, qkv_bias=True))
     mlm = PerceiverMaskedLM(text, PerceiverEncoderConfig(input_dim=24, **ENC), decoder).eval()
     tokens = torch.randint(6, 262, (1, 9))
     padded = torch.cat([tokens, torch.zeros(1, 4, dtype=torch.long)], dim=1)
@@ -256,8 +260,8 @@ def test_decoder_errors_are_clear():
         dec(torch.randn(2, 5, 8), torch.randn(2, 4, 12))
     with pytest.raises(ValueError, match=r"query_index values must lie in \[0, 4\)"):
         dec(latents, torch.randn(2, 4, 12), torch.tensor([4]))
-    with pytest.raises(ValueError, match="multiple of heads"):
-        PerceiverDecoder(16, 12, heads=3)
+    with pytest.raises(ValueError, match="heads=3 must divide"):
+        PerceiverDecoder(16, 12, attn=AttentionSpec(heads=3))
     with pytest.raises(ValueError, match="gives width"):
         PerceiverDecoder(16, 12, queries=LearnedQueries(3, 8))
     with pytest.raises(ValueError, match="decoder expects latents of width 16"):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from resampler.position import (
+from resampler.nn.position import (
     FourierPositionEncoding,
     LearnedPositionEncoding,
     fourier_feature_dim,

@@ -9,18 +9,17 @@ from hypothesis import strategies as st
 from transformers import PerceiverTokenizer
 from transformers.models.perceiver import modeling_perceiver as hf_mod
 
-from resampler.perceiver import PerceiverEncoder, PerceiverEncoderConfig
-from resampler.position import linear_positions
-from resampler.preprocessors import (
+from resampler.models.multimodal import MultimodalPreprocessor, OneHotPreprocessor
+from resampler.models.perceiver import PerceiverEncoder, PerceiverEncoderConfig
+from resampler.models.preprocessors import (
     AudioPreprocessor,
     ImagePreprocessor,
-    MultimodalPreprocessor,
-    OneHotPreprocessor,
     PointCloudPreprocessor,
     TextPreprocessor,
     pad_point_clouds,
     space_to_depth,
 )
+from resampler.nn.position import linear_positions
 from resampler.tokenizer import ByteTokenizer
 
 warnings.filterwarnings("ignore", category=UserWarning)

@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from resampler import Attention, CrossAttentionBlock, PerceiverResampler
+from resampler import Attention, AttentionSpec, CrossAttentionBlock, PerceiverResampler, ResamplerConfig
 
 PROPS = settings(max_examples=30, deadline=None, derandomize=True)
 F64 = torch.float64
@@ -64,7 +64,6 @@ def attention_cases(draw):
         "broadcast": draw(st.booleans()),
         "p_keep": draw(st.sampled_from([0.0, 0.3, 0.7, 1.0])),
         "sdpa": draw(st.booleans()),
-        "chunk": draw(st.sampled_from([None, 1, 2])),
         "seed": draw(st.integers(0, 2**16)),
     }
 
@@ -79,7 +78,6 @@ def _attention(case) -> Attention:
         num_kv_heads=case["kv_heads"],
         qkv_bias=True,
         use_sdpa=case["sdpa"],
-        query_chunk_size=case["chunk"],
         dtype=F64,
     )
 
@@ -150,7 +148,8 @@ def test_cross_attention_block_padding_and_empty_contexts(b, n, m, pads, include
     gen = _gen(seed)
     torch.manual_seed(seed)
     dim = 8
-    block = CrossAttentionBlock(dim, dim, heads=2, head_dim=4, kv_includes_queries=includes_queries, dtype=F64)
+    spec = AttentionSpec(heads=2, head_dim=4)
+    block = CrossAttentionBlock(dim, dim, spec, kv_includes_queries=includes_queries, dtype=F64)
     x = torch.randn(b, n, dim, generator=gen, dtype=F64)
     ctx = torch.randn(b, m, dim, generator=gen, dtype=F64)
     mask = torch.rand(b, m, generator=gen) < p_keep
@@ -188,17 +187,17 @@ def resampler_cases(draw):
 
 def _resampler(case, dim=8, **kw) -> PerceiverResampler:
     torch.manual_seed(case["seed"])
-    return PerceiverResampler(
-        dim,
-        case["depth"],
-        case["latents"],
+    config = ResamplerConfig(
+        dim=dim,
+        depth=case["depth"],
+        num_latents=case["latents"],
         heads=case["heads"],
         head_dim=4,
         out_dim=case["out_dim"],
         norm=case["norm"],
-        dtype=F64,
         **kw,
     )
+    return PerceiverResampler(config, dtype=F64)
 
 
 def _media(case, gen, dim=8):

@@ -203,11 +203,13 @@ def test_prompt_longer_than_context_and_widths_that_do_not_fit():
     config.resampler.num_patch_positions = 49
     with pytest.raises(ValueError, match="num_patch_positions=49 but the vision tower gives 16"):
         VisionLanguageModel.from_parts(vision, lm, tok, config)
-    from resampler import PerceiverResampler
+    from resampler import PerceiverResampler, ResamplerConfig
 
     vision, _, lm, tok = tiny_parts("llama")
     with pytest.raises(ValueError, match="vision tower's width is 48"):
-        VisionLanguageModel.from_parts(vision, lm, tok, config, resampler=PerceiverResampler(64, 1, 8))
+        VisionLanguageModel.from_parts(
+            vision, lm, tok, config, resampler=PerceiverResampler(ResamplerConfig(dim=64, depth=1, num_latents=8))
+        )
 
 
 @pytest.mark.parametrize("mode", ["prefix", "cross_attention"])

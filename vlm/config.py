@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+import resampler
+
 __all__ = [
     "VisionConfig",
     "ResamplerConfig",
@@ -42,35 +44,14 @@ class VisionConfig:
 
 
 @dataclass
-class ResamplerConfig:
-    """The Perceiver Resampler, run at the tower's width (``resampler.PerceiverResampler``)."""
+class ResamplerConfig(resampler.ResamplerConfig):
+    """The Perceiver Resampler (`resampler.ResamplerConfig`: its fields), run at the tower's width.
 
-    depth: int = 6
-    num_latents: int = 64
-    heads: int = 8
-    head_dim: int = 64
-    num_kv_heads: int | None = None
-    ff_mult: float = 4.0
-    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
-    max_media: int | None = None
-    num_patch_positions: int | None = None
-    pos_init_std: float = 1.0
-    trainable: bool = True  # False: keep a plugged-in trained resampler fixed (only head + LoRA train)
+    ``dim`` is left None: the VLM sets it to the vision tower's width. ``trainable=False`` keeps a
+    plugged-in trained resampler fixed (only the projection head and LoRA train).
+    """
 
-    def __post_init__(self) -> None:
-        _positive(
-            "resampler",
-            depth=self.depth,
-            num_latents=self.num_latents,
-            heads=self.heads,
-            head_dim=self.head_dim,
-            num_kv_heads=self.num_kv_heads,
-            ff_mult=self.ff_mult,
-            max_media=self.max_media,
-            num_patch_positions=self.num_patch_positions,
-        )
-        if self.num_kv_heads is not None and self.heads % self.num_kv_heads:
-            raise ValueError(f"resampler.num_kv_heads={self.num_kv_heads} must divide resampler.heads={self.heads}")
+    trainable: bool = True
 
 
 @dataclass

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from resampler import Attention, FeedForward, make_norm
+from resampler import Attention, AttentionSpec, FeedForward, FeedForwardSpec, make_norm
 
 __all__ = ["GatedCrossAttentionBlock", "GatedCrossAttention"]
 
@@ -26,10 +26,10 @@ class GatedCrossAttentionBlock(nn.Module):
     def __init__(self, dim: int, media_dim: int, *, heads: int, head_dim: int, ff_mult: float) -> None:
         super().__init__()
         self.norm_attn = make_norm("layernorm", dim)
-        self.attn = Attention(dim, media_dim, heads=heads, head_dim=head_dim)
+        self.attn = Attention(dim, media_dim, AttentionSpec(heads=heads, head_dim=head_dim))
         self.attn_gate = nn.Parameter(torch.zeros(1))
         self.norm_ff = make_norm("layernorm", dim)
-        self.ff = FeedForward(dim, ff_mult)
+        self.ff = FeedForward(dim, FeedForwardSpec(mult=ff_mult))
         self.ff_gate = nn.Parameter(torch.zeros(1))
 
     def forward(self, x: Tensor, media: Tensor, mask: Tensor, has_media: Tensor) -> Tensor:

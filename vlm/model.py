@@ -12,6 +12,7 @@ them to gated cross-attention hooks (cross_attention mode), and call the LM.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -127,19 +128,11 @@ class VisionLanguageModel(nn.Module):
                 f"resampler.num_patch_positions={rc.num_patch_positions} but the vision tower gives "
                 f"{self.vision.num_patches} patch tokens per image"
             )
-        return PerceiverResampler(
-            self.vision.width,
-            rc.depth,
-            rc.num_latents,
-            heads=rc.heads,
-            head_dim=rc.head_dim,
-            num_kv_heads=rc.num_kv_heads,
-            ff_mult=rc.ff_mult,
-            norm=rc.norm,
-            max_media=rc.max_media,
-            num_patch_positions=rc.num_patch_positions,
-            pos_init_std=rc.pos_init_std,
-        )
+        if rc.dim not in (None, self.vision.width):
+            raise ValueError(
+                f"resampler.dim={rc.dim} but the vision tower's width is {self.vision.width}: leave it unset"
+            )
+        return PerceiverResampler(dataclasses.replace(rc, dim=self.vision.width))
 
     def _check_resampler(self, resampler: nn.Module) -> nn.Module:
         if not isinstance(resampler, PerceiverResampler):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..flamingo import PerceiverResampler
+from ..models.resampler import PerceiverResampler, ResamplerConfig
 
 __all__ = ["from_flamingo_pytorch"]
 
@@ -32,19 +32,18 @@ def from_flamingo_pytorch(model: nn.Module, *, media_time_embeddings: bool = Tru
     num_latents, dim = model.latents.shape
     heads = attn0.heads
     head_dim = attn0.to_q.out_features // heads
-    ours = PerceiverResampler(
-        dim,
-        len(model.layers),
-        num_latents,
+    config = ResamplerConfig(
+        dim=dim,
+        depth=len(model.layers),
+        num_latents=num_latents,
         heads=heads,
         head_dim=head_dim,
         ff_mult=ff0[1].out_features / dim,
         norm="layernorm",
         norm_eps=model.norm.eps,
         max_media=time_emb.shape[0] if media_time_embeddings else None,
-        device=model.latents.device,
-        dtype=model.latents.dtype,
     )
+    ours = PerceiverResampler(config, device=model.latents.device, dtype=model.latents.dtype)
     if ours.layers[0].ff.fc1.out_features != ff0[1].out_features:
         raise ValueError(f"from_flamingo_pytorch: hidden width {ff0[1].out_features} is not int(dim * mult)")
     with torch.no_grad():

@@ -28,26 +28,31 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..blocks import CrossAttentionBlock, SelfAttentionBlock
-from ..decoders import (
+from ..models.decoders import (
     AudioPatchHead,
     ClassHead,
     ClassificationDecoder,
     FlowDecoder,
     FourierQueries,
     LearnedQueries,
-    MultimodalDecoder,
     PerceiverDecoder,
     ProjectionDecoder,
 )
-from ..perceiver import PerceiverEncoder, PerceiverEncoderConfig
-from ..perceiver_io import PerceiverIO, PerceiverMaskedLM, PerceiverMultimodalAutoencoder, PerceiverOpticalFlow
-from ..preprocessors import (
-    AudioPreprocessor,
-    ImagePreprocessor,
+from ..models.multimodal import (
+    MultimodalDecoder,
     MultimodalPreprocessor,
     OneHotPreprocessor,
-    TextPreprocessor,
+    PerceiverMultimodalAutoencoder,
+)
+from ..models.perceiver import PerceiverEncoder, PerceiverEncoderConfig
+from ..models.perceiver_io import PerceiverIO, PerceiverMaskedLM, PerceiverOpticalFlow
+from ..nn.attention import AttentionSpec
+from ..nn.blocks import CrossAttentionBlock, FeedForwardSpec, NormSpec, SelfAttentionBlock
+from .hf_preprocessors import (
+    convert_audio_preprocessor,
+    convert_image_preprocessor,
+    convert_text_preprocessor,
+    copy_linear,
 )
 
 __all__ = ["from_hf_perceiver"]
@@ -80,16 +85,6 @@ def from_hf_perceiver(hf_model: nn.Module) -> nn.Module:
 # ---------------------------------------------------------------------------------------- helpers
 
 
-def _copy_linear(dst: nn.Linear, src: nn.Linear) -> None:
-    if dst.weight.shape != src.weight.shape:
-        raise ValueError(f"from_hf_perceiver: shape mismatch {tuple(dst.weight.shape)} vs {tuple(src.weight.shape)}")
-    dst.weight.copy_(src.weight)
-    if (dst.bias is None) != (src.bias is None):
-        raise ValueError("from_hf_perceiver: bias mismatch between converted and source Linear")
-    if dst.bias is not None:
-        dst.bias.copy_(src.bias)
-
-
 def _copy_norm(dst: nn.LayerNorm, src: nn.LayerNorm) -> None:
     dst.weight.copy_(src.weight)
     dst.bias.copy_(src.bias)
@@ -98,10 +93,10 @@ def _copy_norm(dst: nn.LayerNorm, src: nn.LayerNorm) -> None:
 
 def _copy_attention(attn, hf_self, hf_output) -> None:
     """HF PerceiverSelfAttention (query/key/value) + PerceiverSelfOutput -> our Attention."""
-    _copy_linear(attn.to_q, hf_self.query)
+    copy_linear(attn.to_q, hf_self.query)
     attn.to_kv.weight.copy_(torch.cat([hf_self.key.weight, hf_self.value.weight], dim=0))
     attn.to_kv.bias.copy_(torch.cat([hf_self.key.bias, hf_self.value.bias], dim=0))
-    _copy_linear(attn.to_out, hf_output.dense)
+    copy_linear(attn.to_out, hf_output.dense)
 
 
 def _copy_layer(block: CrossAttentionBlock | SelfAttentionBlock, hf_layer) -> None:
@@ -113,8 +108,8 @@ def _copy_layer(block: CrossAttentionBlock | SelfAttentionBlock, hf_layer) -> No
         _copy_norm(block.norm_attn, hf_self.layernorm1)
     _copy_attention(block.attn, hf_self, hf_layer.attention.output)
     _copy_norm(block.norm_ff, hf_layer.layernorm)
-    _copy_linear(block.ff.fc1, hf_layer.mlp.dense1)
-    _copy_linear(block.ff.fc2, hf_layer.mlp.dense2)
+    copy_linear(block.ff.fc1, hf_layer.mlp.dense1)
+    copy_linear(block.ff.fc2, hf_layer.mlp.dense2)
 
 
 def _layer_shape(hf_layer) -> dict:
@@ -129,6 +124,18 @@ def _layer_shape(hf_layer) -> dict:
         "query_residual": hf_layer.attention.use_query_residual,
         "q_dim": hf_self.query.in_features,
         "kv_dim": hf_self.key.in_features,
+    }
+
+
+def _block_specs(shape: dict, config, norm_eps: float) -> dict:
+    """attn / ff / norm specs of a decoder block with the shape of a HF PerceiverLayer."""
+    heads = shape["heads"]
+    return {
+        "attn": AttentionSpec(
+            heads=heads, head_dim=shape["qk_dim"] // heads, v_head_dim=shape["v_dim"] // heads, qkv_bias=True
+        ),
+        "ff": FeedForwardSpec(mult=shape["widening"], activation=_activation(config)),
+        "norm": NormSpec("layernorm", norm_eps),
     }
 
 
@@ -202,7 +209,7 @@ def _queries_of(hf_basic):
             subsample_positions="deepmind",
         )
         if project_dim is not None:
-            _copy_linear(q.projection, proj)
+            copy_linear(q.projection, proj)
         return q
     raise ValueError(f"from_hf_perceiver: decoder position encoding {kind!r} has no query source")
 
@@ -218,17 +225,12 @@ def _convert_basic_decoder(hf_basic, config, *, queries) -> PerceiverDecoder:
         shape["q_dim"],
         final.out_features if isinstance(final, nn.Linear) else None,
         queries=queries,
-        heads=shape["heads"],
-        qk_dim=shape["qk_dim"],
-        v_dim=shape["v_dim"],
-        widening=shape["widening"],
         query_residual=shape["query_residual"],
-        activation=_activation(config),
-        norm_eps=layer.layernorm.eps,
+        **_block_specs(shape, config, layer.layernorm.eps),
     )
     _copy_layer(dec.block, layer)
     if isinstance(final, nn.Linear):
-        _copy_linear(dec.proj, final)
+        copy_linear(dec.proj, final)
     return dec
 
 
@@ -240,13 +242,8 @@ def _convert_classification_decoder(hf_cls, config) -> ClassificationDecoder:
         shape["kv_dim"],
         hf_basic.final_layer.out_features,
         query_dim=shape["q_dim"],
-        heads=shape["heads"],
-        qk_dim=shape["qk_dim"],
-        v_dim=shape["v_dim"],
-        widening=shape["widening"],
         query_residual=shape["query_residual"],
-        activation=_activation(config),
-        norm_eps=hf_basic.decoding_cross_attention.layernorm.eps,
+        **_block_specs(shape, config, hf_basic.decoding_cross_attention.layernorm.eps),
     )
     ours.decoder = _convert_basic_decoder(hf_basic, config, queries=queries)
     return ours
@@ -264,104 +261,13 @@ def _convert_any_decoder(hf_decoder, config) -> nn.Module:
     if "PerceiverProjectionDecoder" in kinds:
         lin = hf_decoder.classifier
         ours = ProjectionDecoder(lin.in_features, lin.out_features)
-        _copy_linear(ours.proj, lin)
+        copy_linear(ours.proj, lin)
         return ours
     if "PerceiverBasicDecoder" in kinds:
         if hf_decoder.position_encoding_type != "trainable":
             raise ValueError("from_hf_perceiver: a PerceiverModel's basic decoder must use trainable queries")
         return _convert_basic_decoder(hf_decoder, config, queries=_queries_of(hf_decoder))
     raise ValueError(f"from_hf_perceiver: decoder {name} is not supported")
-
-
-def _copy_positions(ours_pos, hf_pos_enc, hf_proj) -> None:
-    if ours_pos.kind == "learned":
-        ours_pos.table.copy_(hf_pos_enc.position_embeddings)
-    if isinstance(hf_proj, nn.Linear):
-        _copy_linear(ours_pos.projection, hf_proj)
-
-
-def _position_kwargs(hf_pre) -> dict:
-    pe, proj = hf_pre.position_embeddings, hf_pre.positions_projection
-    kwargs = {"project_pos_dim": proj.out_features if isinstance(proj, nn.Linear) else None}
-    if hf_pre.position_encoding_type == "fourier":
-        kwargs.update(
-            position="fourier",
-            num_bands=pe.num_bands,
-            max_resolution=tuple(pe.max_resolution),
-            concat_pos=pe.concat_pos,
-            sine_only=pe.sine_only,
-        )
-    else:
-        table = pe.position_embeddings
-        kwargs.update(position="learned", num_positions=table.shape[0], learned_pos_dim=table.shape[1])
-    return kwargs
-
-
-def _convert_image_preprocessor(hf_pre) -> ImagePreprocessor:
-    prep = hf_pre.prep_type
-    s, t = hf_pre.spatial_downsample, hf_pre.temporal_downsample
-    kwargs = _position_kwargs(hf_pre)
-    video = prep == "patches" and (t > 1 or (kwargs.get("max_resolution") and len(kwargs["max_resolution"]) > 2))
-    conv_after = isinstance(hf_pre.conv_after_patches, nn.Linear)
-    in_channels = hf_pre.in_channels
-    if conv_after:  # the patch width tells the input channels (the flow model feeds 27 = 3x3x3)
-        in_channels = hf_pre.conv_after_patches.in_features // (s * s * (t if video else 1))
-    if prep == "conv":
-        conv = hf_pre.convnet.conv
-        in_channels = conv.in_channels
-        bn = hf_pre.convnet.batchnorm
-        batchnorm = isinstance(bn, nn.BatchNorm2d)
-    ours = ImagePreprocessor(
-        in_channels,
-        prep,
-        spatial_downsample=s,
-        temporal_downsample=t,
-        out_channels=hf_pre.out_channels,
-        conv_after_patching=conv_after,
-        conv_batchnorm=batchnorm if prep == "conv" else True,
-        concat_pos_to_input=hf_pre.concat_or_add_pos == "concat",
-        video=bool(video),
-        **kwargs,
-    )
-    if prep == "conv":
-        ours.stem[0].weight.copy_(conv.weight)
-        if batchnorm:
-            ours.stem[1].load_state_dict(bn.state_dict())
-            ours.stem[1].eps, ours.stem[1].momentum = bn.eps, bn.momentum
-    elif prep == "conv1x1":
-        _copy_linear(ours.stem, hf_pre.convnet_1x1)
-    if conv_after:
-        _copy_linear(ours.patch_proj, hf_pre.conv_after_patches)
-    _copy_positions(ours.positions, hf_pre.position_embeddings, hf_pre.positions_projection)
-    if ours.out_dim != hf_pre.num_channels and prep != "pixels":
-        raise ValueError(f"from_hf_perceiver: image preprocessor width {ours.out_dim} != HF {hf_pre.num_channels}")
-    return ours
-
-
-def _convert_text_preprocessor(hf_pre) -> TextPreprocessor:
-    emb, pos = hf_pre.embeddings, hf_pre.position_embeddings
-    ours = TextPreprocessor(emb.num_embeddings, emb.embedding_dim, pos.num_embeddings)
-    ours.token_embedding.weight.copy_(emb.weight)
-    ours.position_embedding.weight.copy_(pos.weight)
-    return ours
-
-
-def _convert_audio_preprocessor(hf_pre) -> AudioPreprocessor:
-    if hf_pre.position_encoding_type != "fourier" or hf_pre.concat_or_add_pos != "concat":
-        raise ValueError("from_hf_perceiver: only Fourier, concatenated audio positions are supported")
-    if isinstance(hf_pre.positions_projection, nn.Linear):
-        raise ValueError("from_hf_perceiver: projected audio positions are not supported")
-    pe = hf_pre.position_embeddings
-    return AudioPreprocessor(
-        hf_pre.samples_per_patch,
-        num_bands=pe.num_bands,
-        max_resolution=pe.max_resolution[0],
-        concat_pos=pe.concat_pos,
-        sine_only=pe.sine_only,
-    )
-
-
-# --------------------------------------------------------------------------------- the models
 
 
 def _convert_base(hf) -> PerceiverIO:
@@ -376,7 +282,7 @@ def _convert_base(hf) -> PerceiverIO:
 
 def _convert_masked_lm(hf) -> PerceiverMaskedLM:
     p = hf.perceiver
-    pre = _convert_text_preprocessor(p.input_preprocessor)
+    pre = convert_text_preprocessor(p.input_preprocessor)
     decoder = _convert_basic_decoder(p.decoder, hf.config, queries=_queries_of(p.decoder))
     ours = PerceiverMaskedLM(pre, _convert_encoder(p), decoder)
     ours.lm_head.bias.copy_(hf.embedding_decoder.bias)
@@ -385,19 +291,19 @@ def _convert_masked_lm(hf) -> PerceiverMaskedLM:
 
 def _convert_sequence_classification(hf) -> PerceiverIO:
     p = hf.perceiver
-    pre = _convert_text_preprocessor(p.input_preprocessor)
+    pre = convert_text_preprocessor(p.input_preprocessor)
     return PerceiverIO(_convert_encoder(p), _convert_any_decoder(p.decoder, hf.config), preprocessor=pre)
 
 
 def _convert_image_classification(hf) -> PerceiverIO:
     p = hf.perceiver
-    pre = _convert_image_preprocessor(p.input_preprocessor)
+    pre = convert_image_preprocessor(p.input_preprocessor)
     return PerceiverIO(_convert_encoder(p), _convert_any_decoder(p.decoder, hf.config), preprocessor=pre)
 
 
 def _convert_optical_flow(hf) -> PerceiverOpticalFlow:
     p = hf.perceiver
-    pre = _convert_image_preprocessor(p.input_preprocessor)
+    pre = convert_image_preprocessor(p.input_preprocessor)
     hf_flow = p.decoder
     basic = _convert_basic_decoder(hf_flow.decoder, hf.config, queries=None)
     flow = FlowDecoder(
@@ -415,9 +321,9 @@ def _convert_multimodal(hf) -> PerceiverMultimodalAutoencoder:
     for name, sub in hf_pre.modalities.items():
         kind = type(sub).__name__
         if kind == "PerceiverImagePreprocessor":
-            modalities[name] = _convert_image_preprocessor(sub)
+            modalities[name] = convert_image_preprocessor(sub)
         elif kind == "PerceiverAudioPreprocessor":
-            modalities[name] = _convert_audio_preprocessor(sub)
+            modalities[name] = convert_audio_preprocessor(sub)
         elif kind == "PerceiverOneHotPreprocessor":
             modalities[name] = OneHotPreprocessor(sub.num_channels)
         else:
@@ -446,7 +352,7 @@ def _convert_multimodal(hf) -> PerceiverMultimodalAutoencoder:
             heads[name] = nn.Linear(lin.in_features, lin.out_features)
         else:
             raise ValueError(f"from_hf_perceiver: postprocessor {kind} is not supported")
-        _copy_linear(heads[name] if isinstance(heads[name], nn.Linear) else heads[name].proj, lin)
+        copy_linear(heads[name] if isinstance(heads[name], nn.Linear) else heads[name].proj, lin)
     shared = _convert_basic_decoder(hf_dec.decoder, hf.config, queries=None)
     ours_dec = MultimodalDecoder(
         shared.latent_dim,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..flamingo import PerceiverResampler
+from ..models.resampler import PerceiverResampler, ResamplerConfig
 
 __all__ = ["from_idefics2"]
 
@@ -28,10 +28,10 @@ def from_idefics2(model: nn.Module) -> PerceiverResampler:
     if config.hidden_act not in _ACTIVATIONS:
         raise ValueError(f"from_idefics2: hidden_act must be one of {sorted(_ACTIVATIONS)}, got {config.hidden_act!r}")
     dim = config.hidden_size
-    ours = PerceiverResampler(
-        dim,
-        config.resampler_depth,
-        config.resampler_n_latents,
+    ours_config = ResamplerConfig(
+        dim=dim,
+        depth=config.resampler_depth,
+        num_latents=config.resampler_n_latents,
         heads=config.resampler_n_heads,
         head_dim=config.resampler_head_dim,
         num_kv_heads=config.num_key_value_heads,
@@ -40,9 +40,8 @@ def from_idefics2(model: nn.Module) -> PerceiverResampler:
         ff_activation=_ACTIVATIONS[config.hidden_act],
         norm="rmsnorm",
         norm_eps=config.rms_norm_eps,
-        device=model.latents.device,
-        dtype=model.latents.dtype,
     )
+    ours = PerceiverResampler(ours_config, device=model.latents.device, dtype=model.latents.dtype)
     with torch.no_grad():
         ours.latents.copy_(model.latents)
         for layer, theirs in zip(ours.layers, model.layers):

@@ -20,8 +20,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..blocks import FeedForward
-from ..perceiver import PerceiverEncoder, PerceiverEncoderConfig
+from ..models.perceiver import PerceiverEncoder, PerceiverEncoderConfig
+from ..nn.blocks import FeedForward, FeedForwardSpec
 
 __all__ = ["from_perceiver_pytorch"]
 
@@ -94,7 +94,7 @@ def _ff_mult(ff: nn.Module, dim: int) -> float:
 def _gated_ff(ff: nn.Module, factory: dict) -> FeedForward:
     fc1, fc2 = ff.net[0], ff.net[2]
     hidden = fc2.in_features
-    ours = FeedForward(fc1.in_features, hidden_dim=hidden, gated=True, activation="gelu", **factory)
+    ours = FeedForward(fc1.in_features, FeedForwardSpec(hidden_dim=hidden, gated=True, activation="gelu"), **factory)
     up_w, gate_w = fc1.weight.chunk(2, dim=0)  # theirs: [x; gates] -> ours: [gate; up]
     up_b, gate_b = fc1.bias.chunk(2, dim=0)
     ours.fc1.weight.copy_(torch.cat([gate_w, up_w], dim=0))

@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..position import FourierPositionEncoding
+from resampler.nn.position import FourierPositionEncoding
+
 from .common import (
     RunContext,
     TaskResult,

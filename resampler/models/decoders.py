@@ -7,19 +7,20 @@ and very many queries are decoded ``chunk_size`` at a time so memory stays bound
 independent of the others in this block, so chunking changes nothing but peak memory.
 
 Task heads built on it: `ClassificationDecoder`, `EmbeddingDecoder` (masked-LM logits tied to the
-byte embedding), `FlowDecoder`, `MultimodalDecoder`.
+byte embedding), `FlowDecoder`; the multimodal one is in `multimodal.py`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
-from .blocks import CrossAttentionBlock
-from .position import fourier_feature_dim, fourier_features, linear_positions
+from ..nn.attention import AttentionSpec
+from ..nn.blocks import CrossAttentionBlock, FeedForwardSpec, NormSpec
+from ..nn.position import fourier_feature_dim, fourier_features, linear_positions
 
 __all__ = [
     "LearnedQueries",
@@ -29,7 +30,6 @@ __all__ = [
     "ProjectionDecoder",
     "EmbeddingDecoder",
     "FlowDecoder",
-    "MultimodalDecoder",
     "AudioPatchHead",
     "ClassHead",
 ]
@@ -147,9 +147,9 @@ class PerceiverDecoder(nn.Module):
         out_dim: width of a final linear projection; None keeps the block's output (query_dim).
         queries: a query source (`LearnedQueries`, `FourierQueries`); None means the caller passes
             ``queries`` to ``forward``.
-        heads, qk_dim, v_dim: attention shape; qk_dim (total over heads) defaults to ``latent_dim``
-            (DeepMind's ``cross_attention_shape_for_attention='kv'``), v_dim to qk_dim.
-        widening: MLP hidden width = widening x query_dim.
+        attn: the attention (default: 1 head, q/k/v biases); ``head_dim`` None means ``latent_dim /
+            heads`` (DeepMind's ``cross_attention_shape_for_attention='kv'``).
+        ff: the MLP (default: widening 1, GELU). norm: the block's norms.
         query_residual: add the queries back (off by default: outputs and queries differ in kind).
         chunk_size: decode at most this many queries at a time (bounded memory for e.g. every pixel
             of a 368x496 flow field); the result is identical to unchunked decoding.
@@ -162,26 +162,18 @@ class PerceiverDecoder(nn.Module):
         out_dim: int | None = None,
         *,
         queries: nn.Module | None = None,
-        heads: int = 1,
-        qk_dim: int | None = None,
-        v_dim: int | None = None,
-        widening: float = 1.0,
+        attn: AttentionSpec | None = None,
+        ff: FeedForwardSpec | None = None,
+        norm: NormSpec | None = None,
         query_residual: bool = False,
-        qkv_bias: bool = True,
-        activation: str = "gelu",
-        norm_eps: float = 1e-5,
-        dropout: float = 0.0,
         chunk_size: int | None = None,
-        use_sdpa: bool = True,
         device=None,
         dtype=None,
     ) -> None:
         super().__init__()
-        qk_dim = latent_dim if qk_dim is None else qk_dim
-        v_dim = qk_dim if v_dim is None else v_dim
-        for name, total in [("qk_dim", qk_dim), ("v_dim", v_dim)]:
-            if total <= 0 or total % heads:
-                raise ValueError(f"PerceiverDecoder: {name}={total} must be a positive multiple of heads={heads}")
+        attn = AttentionSpec(heads=1, qkv_bias=True) if attn is None else attn
+        attn = attn.resolved(latent_dim, "PerceiverDecoder", "latent_dim")
+        ff = FeedForwardSpec(mult=1.0) if ff is None else ff
         if queries is not None and getattr(queries, "dim", query_dim) != query_dim:
             raise ValueError(f"PerceiverDecoder: the query source gives width {queries.dim}, expected {query_dim}")
         if chunk_size is not None and chunk_size <= 0:
@@ -191,20 +183,7 @@ class PerceiverDecoder(nn.Module):
         self.chunk_size = chunk_size
         self.queries = queries
         self.block = CrossAttentionBlock(
-            query_dim,
-            latent_dim,
-            heads=heads,
-            head_dim=qk_dim // heads,
-            v_head_dim=v_dim // heads,
-            ff_mult=widening,
-            ff_activation=activation,
-            norm_eps=norm_eps,
-            query_residual=query_residual,
-            qkv_bias=qkv_bias,
-            dropout=dropout,
-            use_sdpa=use_sdpa,
-            device=device,
-            dtype=dtype,
+            query_dim, latent_dim, attn, ff, norm, query_residual=query_residual, device=device, dtype=dtype
         )
         self.proj = None if out_dim is None else nn.Linear(query_dim, out_dim, device=device, dtype=dtype)
 
@@ -249,7 +228,10 @@ class PerceiverDecoder(nn.Module):
 
 
 class ClassificationDecoder(nn.Module):
-    """One learned query -> logits: ``forward(latents (B, N, D)) -> (B, num_classes)``."""
+    """One learned query -> logits: ``forward(latents (B, N, D)) -> (B, num_classes)``.
+
+    ``attn``, ``ff``, ``norm``: as `PerceiverDecoder`; the query residual is on.
+    """
 
     def __init__(
         self,
@@ -257,15 +239,10 @@ class ClassificationDecoder(nn.Module):
         num_classes: int,
         *,
         query_dim: int | None = None,
-        heads: int = 1,
-        qk_dim: int | None = None,
-        v_dim: int | None = None,
-        widening: float = 1.0,
+        attn: AttentionSpec | None = None,
+        ff: FeedForwardSpec | None = None,
+        norm: NormSpec | None = None,
         query_residual: bool = True,
-        qkv_bias: bool = True,
-        activation: str = "gelu",
-        norm_eps: float = 1e-5,
-        use_sdpa: bool = True,
         device=None,
         dtype=None,
     ) -> None:
@@ -278,15 +255,10 @@ class ClassificationDecoder(nn.Module):
             query_dim,
             num_classes,
             queries=LearnedQueries(1, query_dim, device=device, dtype=dtype),
-            heads=heads,
-            qk_dim=qk_dim,
-            v_dim=v_dim,
-            widening=widening,
+            attn=attn,
+            ff=ff,
+            norm=norm,
             query_residual=query_residual,
-            qkv_bias=qkv_bias,
-            activation=activation,
-            norm_eps=norm_eps,
-            use_sdpa=use_sdpa,
             device=device,
             dtype=dtype,
         )
@@ -331,7 +303,7 @@ class FlowDecoder(nn.Module):
 
     ``forward(latents, queries (B, H*W, C), image_shape=(H, W), query_index=None)``; with
     ``query_index`` only those pixels are decoded and the result is (B, O, 2). Pixels are decoded
-    ``chunk_size`` at a time (exact; on a 368x496 frame this cut peak memory from 1.40 to 0.95 GB).
+    ``chunk_size`` at a time (exact: every query is independent; peak memory is bounded by the chunk).
     """
 
     def __init__(
@@ -379,71 +351,3 @@ class ClassHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.proj(x)[:, 0]
-
-
-class MultimodalDecoder(nn.Module):
-    """Per-modality queries, padded to one width, decoded together, split back per modality.
-
-    Modalities are processed in sorted-name order (the convention of the official code). Each
-    modality's queries are padded with a learned per-modality vector to ``max width + min_padding``;
-    one shared `PerceiverDecoder` decodes all of them; outputs are split per modality and passed
-    through that modality's head (if any).
-
-    ``forward(latents, query_index={name: (O_m,) or None}) -> {name: output}``.
-    """
-
-    def __init__(
-        self,
-        latent_dim: int,
-        queries: Mapping[str, nn.Module],
-        out_dim: int,
-        *,
-        heads: Mapping[str, nn.Module] | None = None,
-        min_padding: int = 2,
-        chunk_size: int | None = None,
-        device=None,
-        dtype=None,
-        **decoder_kwargs,
-    ) -> None:
-        super().__init__()
-        if not queries:
-            raise ValueError("MultimodalDecoder: give at least one modality's query source")
-        self.names = sorted(queries)
-        self.queries = nn.ModuleDict(queries)
-        self.query_dim = max(q.dim for q in queries.values()) + min_padding
-        self.padding = nn.ParameterDict(
-            {
-                name: nn.Parameter(torch.randn(self.query_dim - q.dim, device=device, dtype=dtype) * 0.02)
-                for name, q in queries.items()
-            }
-        )
-        self.heads = nn.ModuleDict(heads or {})
-        unknown = set(self.heads) - set(self.queries)
-        if unknown:
-            raise ValueError(f"MultimodalDecoder: heads for unknown modalities {sorted(unknown)}")
-        self.decoder = PerceiverDecoder(
-            latent_dim, self.query_dim, out_dim, chunk_size=chunk_size, device=device, dtype=dtype, **decoder_kwargs
-        )
-
-    def build_queries(
-        self, batch: int, query_index: Mapping[str, Tensor | None] | None = None, device=None
-    ) -> dict[str, Tensor]:
-        query_index = dict(query_index or {})
-        unknown = set(query_index) - set(self.names)
-        if unknown:
-            raise ValueError(f"MultimodalDecoder: query_index for unknown modalities {sorted(unknown)}")
-        out = {}
-        for name in self.names:
-            q = self.queries[name](batch, query_index.get(name), device=device)  # (B, O_m, d_m)
-            pad = self.padding[name].to(q.dtype).expand(*q.shape[:2], -1)
-            out[name] = torch.cat([q, pad], dim=-1)  # (B, O_m, query_dim)
-        return out
-
-    def forward(self, latents: Tensor, query_index: Mapping[str, Tensor | None] | None = None) -> dict[str, Tensor]:
-        per_modality = self.build_queries(latents.shape[0], query_index, latents.device)
-        sizes = [per_modality[name].shape[1] for name in self.names]
-        decoded = self.decoder(latents, torch.cat([per_modality[n] for n in self.names], dim=1))
-        outputs = {}
-        for name, part in zip(self.names, decoded.split(sizes, dim=1)):
-            outputs[name] = self.heads[name](part) if name in self.heads else part
-        return outputs

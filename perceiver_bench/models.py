@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import nn
 
-from ..decoders import LearnedQueries, PerceiverDecoder
-from ..perceiver import PerceiverClassifier, PerceiverEncoder, PerceiverEncoderConfig
+from resampler.models.decoders import PerceiverDecoder
+from resampler.models.perceiver import PerceiverClassifier, PerceiverEncoder, PerceiverEncoderConfig
+from resampler.nn.attention import AttentionSpec
+from resampler.nn.blocks import FeedForwardSpec
+
 from .config import ModelConfig
 
 __all__ = ["encoder_config", "make_classifier", "make_encoder", "make_decoder"]
@@ -36,24 +39,14 @@ def make_classifier(mc: ModelConfig, input_dim: int, num_classes: int) -> Percei
     return PerceiverClassifier(encoder_config(mc, input_dim), num_classes)
 
 
-def make_decoder(
-    mc: ModelConfig, query_dim: int, out_dim: int | None, *, num_learned_queries: int | None = None
-) -> PerceiverDecoder:
-    """Perceiver IO decoder over the latents; learned queries if ``num_learned_queries``, else caller queries."""
-    queries = None if num_learned_queries is None else LearnedQueries(num_learned_queries, query_dim)
+def make_decoder(mc: ModelConfig, query_dim: int, out_dim: int | None, queries: nn.Module | None = None):
+    """Perceiver IO decoder over the latents (``mc.cross_heads`` heads, MLP widening ``mc.widening``);
+    ``queries``: a query source, or None for caller queries (e.g. the inputs themselves)."""
     return PerceiverDecoder(
-        mc.latent_dim, query_dim, out_dim, queries=queries, heads=mc.cross_heads, widening=mc.widening
+        mc.latent_dim,
+        query_dim,
+        out_dim,
+        queries=queries,
+        attn=AttentionSpec(heads=mc.cross_heads, qkv_bias=True),
+        ff=FeedForwardSpec(mult=mc.widening),
     )
-
-
-class EncoderDecoder(nn.Module):
-    """Perceiver IO as glue: ``decoder(encoder(inputs, mask), queries, query_index)``."""
-
-    def __init__(self, encoder: PerceiverEncoder, decoder: PerceiverDecoder) -> None:
-        super().__init__()
-        self.encoder, self.decoder = encoder, decoder
-
-    def forward(
-        self, inputs: Tensor, mask: Tensor | None = None, queries: Tensor | None = None, query_index=None
-    ) -> Tensor:
-        return self.decoder(self.encoder(inputs, mask), queries, query_index)

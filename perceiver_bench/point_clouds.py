@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..preprocessors import PointCloudPreprocessor
+from resampler.models.preprocessors import PointCloudPreprocessor
+
 from .common import (
     RunContext,
     TaskResult,

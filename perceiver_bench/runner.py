@@ -12,9 +12,7 @@ import torch
 from .common import RunContext, TaskResult, seed_everything, update_results_table, write_record
 from .config import BenchConfig, load_task_config
 
-__all__ = ["TASKS", "TaskSpec", "run_task", "run_config", "REPO_ROOT"]
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
+__all__ = ["TASKS", "TaskSpec", "run_task", "run_config"]
 
 
 @dataclass(frozen=True)
@@ -78,10 +76,11 @@ def run_task(
     figures_dir: Path | None = None,
     threads: int | None = None,
 ) -> TaskResult:
-    """``configs/perceiver/<task>.yaml`` at ``size`` (plus overrides), run; see ``run_config``."""
+    """The task's shipped config (``perceiver_bench/configs/<task>.yaml``) at ``size`` plus overrides, run;
+    see ``run_config``."""
     if threads:
         torch.set_num_threads(threads)
     cfg = load_task_config(task, size, overrides)
     if cfg.task != task:
-        raise ValueError(f"configs/perceiver/{task}.yaml: its {size}.task is {cfg.task!r}, expected {task!r}")
+        raise ValueError(f"perceiver_bench/configs/{task}.yaml: its {size}.task is {cfg.task!r}, expected {task!r}")
     return run_config(cfg, out_dir=out_dir, results_doc=results_doc, figures_dir=figures_dir)

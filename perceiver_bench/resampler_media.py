@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..flamingo import PerceiverResampler
+from resampler.models.resampler import PerceiverResampler, ResamplerConfig
+
 from .common import RunContext, TaskResult, predict_in_batches, train_model, training_facts
 from .config import BenchConfig
 
@@ -93,13 +94,15 @@ def run(cfg: BenchConfig, ctx: RunContext) -> TaskResult:
     train = make_media(cfg, cfg.data.num_train, cfg.seed)
     test = make_media(cfg, cfg.data.num_test, cfg.seed + 1)
     model = PerceiverResampler(
-        dim,
-        depth=mc.num_self_attends,
-        num_latents=mc.num_latents,
-        heads=mc.self_heads,
-        head_dim=max(1, dim // mc.self_heads),
-        ff_mult=mc.widening,
-        max_frames=int(opts.get("frames", 2)),
+        ResamplerConfig(
+            dim=dim,
+            depth=mc.num_self_attends,
+            num_latents=mc.num_latents,
+            heads=mc.self_heads,
+            head_dim=max(1, dim // mc.self_heads),
+            ff_mult=mc.widening,
+            max_frames=int(opts.get("frames", 2)),
+        )
     )
     head = nn.Linear(dim, cfg.data.num_classes)
     both = nn.ModuleDict({"resampler": model, "head": head})

@@ -2,12 +2,13 @@
 
     perceiver-bench list
     perceiver-bench run digits --size smoke          # seconds
-    perceiver-bench run digits --size full           # minutes on 2 CPU cores; updates docs/benchmarks.md
-    perceiver-bench run all --size full              # every task, one after the other
+    perceiver-bench run digits --size full           # minutes on 2 CPU cores
+    perceiver-bench run all --size full --docs docs  # every task; also update docs/benchmarks.md + figures
     perceiver-bench run digits train.steps=100 model.num_latents=16   # config overrides
 
-Each run writes ``<out>/<task>-<size>.json`` (default out: runs/perceiver-bench) and, unless
-``--no-docs``, replaces the task's row in docs/benchmarks.md and writes plots to docs/figures/.
+Each run writes ``<out>/<task>-<size>.json`` (default out: runs/perceiver-bench) and its plots to
+``<out>/figures``; only with ``--docs DIR`` does it replace the task's row in DIR/benchmarks.md and
+write the plots to DIR/figures.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from .runner import REPO_ROOT, TASKS, run_task
+from .runner import TASKS, run_task
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,8 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("overrides", nargs="*", help="section.field=value config overrides (value parsed as YAML)")
     run.add_argument("--size", choices=["smoke", "full"], default="smoke")
     run.add_argument("--out", type=Path, default=Path("runs/perceiver-bench"), help="directory of the JSON records")
-    run.add_argument("--docs", type=Path, default=REPO_ROOT / "docs", help="docs dir (benchmarks.md, figures/)")
-    run.add_argument("--no-docs", action="store_true", help="do not touch docs/benchmarks.md or docs/figures")
+    run.add_argument(
+        "--docs", type=Path, default=None, help="also update DIR/benchmarks.md and DIR/figures (e.g. --docs docs)"
+    )
     run.add_argument(
         "--threads",
         type=int,
@@ -59,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown task {args.task!r}; known: all, {', '.join(TASKS)}")
     if args.task == "all" and args.overrides:
         parser.error("config overrides apply to a single task, not to 'all'")
-    doc = None if args.no_docs else args.docs / "benchmarks.md"
-    figures = None if args.no_docs else args.docs / "figures"
+    doc = None if args.docs is None else args.docs / "benchmarks.md"
+    figures = args.out / "figures" if args.docs is None else args.docs / "figures"
     failures = 0
     for task in tasks:
         print(f"== {TASKS[task].task_id} {task} ({args.size})", flush=True)

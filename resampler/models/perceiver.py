@@ -5,7 +5,9 @@ latent block is ``num_self_attends_per_block`` self-attention layers. The weight
 configurable; the paper's ImageNet model shares all cross-attends but the first and all latent blocks.
 Hugging Face's (and DeepMind's Perceiver IO) encoder is the special case ``num_cross_attends=1``.
 
-Everything is built from the shared `CrossAttentionBlock` / `SelfAttentionBlock`.
+Everything is built from the shared `CrossAttentionBlock` / `SelfAttentionBlock`. The cross-attends
+attend in the inputs' own space (`resampler.nn.folded`) when that takes fewer multiply-adds per input,
+which is decided once, when the encoder is built (``fold_cross_attention``).
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .blocks import CrossAttentionBlock, SelfAttentionBlock
+from ..nn.attention import AttentionSpec
+from ..nn.blocks import CrossAttentionBlock, FeedForwardSpec, NormSpec, SelfAttentionBlock
+from ..nn.folded import fold_pays
 from .decoders import ClassificationDecoder, ProjectionDecoder
 
 __all__ = ["PerceiverEncoderConfig", "PerceiverEncoder", "PerceiverClassifier", "check_inputs"]
@@ -48,7 +52,10 @@ class PerceiverEncoderConfig:
         norm_eps: LayerNorm epsilon (1e-5 in the Hugging Face port).
         dropout: attention-probability and MLP dropout.
         latent_init_std: std of the latent array's normal init.
-        use_sdpa: SDPA fast path, or the plain reference path for checking.
+        use_sdpa: the kernel policy, or the plain reference kernel for checking (see `AttentionSpec`).
+        fold_cross_attention: cross-attend in the inputs' own space (`FoldedAttention`: same weights,
+            same function, no projected keys/values); None: when that takes fewer multiply-adds per
+            input (long narrow inputs, as pixels or audio samples) and ``use_sdpa`` is on.
     """
 
     input_dim: int
@@ -75,6 +82,7 @@ class PerceiverEncoderConfig:
     dropout: float = 0.0
     latent_init_std: float = 0.02
     use_sdpa: bool = True
+    fold_cross_attention: bool | None = None
 
     def __post_init__(self) -> None:
         for name in ("input_dim", "num_latents", "latent_dim", "num_cross_attends", "num_blocks", "cross_heads"):
@@ -116,6 +124,42 @@ class PerceiverEncoderConfig:
     @property
     def self_v_dim_(self) -> int:
         return self.self_qk_dim_ if self.self_v_dim is None else self.self_v_dim
+
+    def cross_attention(self) -> AttentionSpec:
+        h = self.cross_heads
+        return AttentionSpec(
+            heads=h,
+            head_dim=self.cross_qk_dim_ // h,
+            v_head_dim=self.cross_v_dim_ // h,
+            qkv_bias=self.qkv_bias,
+            dropout=self.dropout,
+            use_sdpa=self.use_sdpa,
+        )
+
+    def self_attention(self) -> AttentionSpec:
+        h = self.self_heads
+        return AttentionSpec(
+            heads=h,
+            head_dim=self.self_qk_dim_ // h,
+            v_head_dim=self.self_v_dim_ // h,
+            qkv_bias=self.qkv_bias,
+            dropout=self.dropout,
+            use_sdpa=self.use_sdpa,
+        )
+
+    def feed_forward(self, widening: float) -> FeedForwardSpec:
+        return FeedForwardSpec(mult=widening, activation=self.activation, dropout=self.dropout)
+
+    @property
+    def norm(self) -> NormSpec:
+        return NormSpec("layernorm", self.norm_eps)
+
+    @property
+    def folds_cross_attention(self) -> bool:
+        """Derived: whether the cross-attends attend in the inputs' space (see ``fold_cross_attention``)."""
+        if self.fold_cross_attention is not None:
+            return self.fold_cross_attention
+        return self.use_sdpa and fold_pays(self.cross_attention(), self.num_latents, self.input_dim)
 
 
 def _check_split(name: str, total: int, heads: int) -> None:
@@ -169,34 +213,17 @@ class PerceiverEncoder(nn.Module):
         return CrossAttentionBlock(
             c.latent_dim,
             c.input_dim,
-            heads=c.cross_heads,
-            head_dim=c.cross_qk_dim_ // c.cross_heads,
-            v_head_dim=c.cross_v_dim_ // c.cross_heads,
-            ff_mult=c.cross_widening,
-            ff_activation=c.activation,
-            norm_eps=c.norm_eps,
+            c.cross_attention(),
+            c.feed_forward(c.cross_widening),
+            c.norm,
             query_residual=c.query_residual,
-            qkv_bias=c.qkv_bias,
-            dropout=c.dropout,
-            use_sdpa=c.use_sdpa,
+            fold=c.folds_cross_attention,
             **factory,
         )
 
     @staticmethod
     def _self_block(c: PerceiverEncoderConfig, factory: dict) -> SelfAttentionBlock:
-        return SelfAttentionBlock(
-            c.latent_dim,
-            heads=c.self_heads,
-            head_dim=c.self_qk_dim_ // c.self_heads,
-            v_head_dim=c.self_v_dim_ // c.self_heads,
-            ff_mult=c.self_widening,
-            ff_activation=c.activation,
-            norm_eps=c.norm_eps,
-            qkv_bias=c.qkv_bias,
-            dropout=c.dropout,
-            use_sdpa=c.use_sdpa,
-            **factory,
-        )
+        return SelfAttentionBlock(c.latent_dim, c.self_attention(), c.feed_forward(c.self_widening), c.norm, **factory)
 
     def forward(self, inputs: Tensor, mask: Tensor | None = None) -> Tensor:
         check_inputs("PerceiverEncoder", inputs, self.config.input_dim, mask)
@@ -238,11 +265,9 @@ class PerceiverClassifier(nn.Module):
         self.decoder = ClassificationDecoder(
             config.latent_dim,
             num_classes,
-            heads=decoder_heads,
-            widening=decoder_widening,
-            qkv_bias=config.qkv_bias,
-            norm_eps=config.norm_eps,
-            use_sdpa=config.use_sdpa,
+            attn=AttentionSpec(heads=decoder_heads, qkv_bias=config.qkv_bias, use_sdpa=config.use_sdpa),
+            ff=FeedForwardSpec(mult=decoder_widening),
+            norm=config.norm,
             device=device,
             dtype=dtype,
         )

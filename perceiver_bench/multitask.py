@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..decoders import LearnedQueries, PerceiverDecoder
-from ..perceiver_io import PerceiverIO
+from resampler.models.decoders import LearnedQueries
+from resampler.models.perceiver_io import PerceiverIO
+
 from .common import (
     RunContext,
     TaskResult,
@@ -27,6 +28,7 @@ from .common import (
 )
 from .config import BenchConfig
 from .digits import load_digit_images, pixel_tokens, train_perceiver
+from .models import encoder_config, make_decoder
 
 TARGET = "each task within 2 points of its single-task model"
 TASKS = {"digit": (10, lambda y: y), "parity": (2, lambda y: y % 2), "ge5": (2, lambda y: (y >= 5).long())}
@@ -39,15 +41,8 @@ def run(cfg: BenchConfig, ctx: RunContext) -> TaskResult:
     train_t = {n: f(data["train_labels"]) for n, (_, f) in TASKS.items()}
     test_t = {n: f(data["test_labels"]) for n, (_, f) in TASKS.items()}
     mc = cfg.model
-    from .models import encoder_config
-
-    decoder = PerceiverDecoder(
-        mc.latent_dim,
-        mc.latent_dim,
-        max(k for k, _ in TASKS.values()),
-        queries=LearnedQueries(len(TASKS), mc.latent_dim),
-        heads=mc.cross_heads,
-        widening=mc.widening,
+    decoder = make_decoder(
+        mc, mc.latent_dim, max(k for k, _ in TASKS.values()), LearnedQueries(len(TASKS), mc.latent_dim)
     )
     model = PerceiverIO(encoder_config(mc, train_x.shape[-1]), decoder)
 

@@ -1,4 +1,4 @@
-"""Typed configs of the standalone Perceiver benchmarks; ``configs/perceiver/<task>.yaml`` mirrors them.
+"""Typed configs of the standalone Perceiver benchmarks; ``perceiver_bench/configs/<task>.yaml`` mirrors them.
 
 Each YAML holds a ``TaskConfigs``: one ``BenchConfig`` for the ``smoke`` size (seconds, run by the
 tests) and one for the ``full`` size (minutes, run by ``perceiver-bench run <task> --size full``).
@@ -10,11 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ..config import apply_overrides, from_dict, to_dict
+from resampler.config import apply_overrides, from_dict, to_dict
 
 __all__ = ["DataConfig", "ModelConfig", "TrainConfig", "BenchConfig", "TaskConfigs", "load_task_config", "CONFIG_DIR"]
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "perceiver"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # shipped with the package
 
 
 @dataclass
@@ -93,7 +93,7 @@ class TaskConfigs:
 def load_task_config(
     task: str, size: str = "smoke", overrides: list[str] | None = None, config_dir: Path | None = None
 ) -> BenchConfig:
-    """``configs/perceiver/<task>.yaml``'s ``size`` section plus ``section.field=value`` overrides."""
+    """``<config_dir>/<task>.yaml``'s ``size`` section plus ``section.field=value`` overrides."""
     import yaml
 
     if size not in ("smoke", "full"):

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..config import to_dict
+from resampler.config import to_dict
+
 from .config import BenchConfig, TrainConfig
 
 __all__ = [
@@ -207,7 +208,7 @@ def mean_average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
 
 
 def library_version() -> str:
-    from .. import __version__
+    from resampler import __version__
 
     return __version__
 

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .attention import KVCache, causal_mask
-from .blocks import CrossAttentionBlock, SelfAttentionBlock, make_norm
+from ..nn.attention import AttentionSpec, KVCache, causal_mask
+from ..nn.blocks import CrossAttentionBlock, FeedForwardSpec, SelfAttentionBlock, make_norm
 
 __all__ = ["PerceiverARConfig", "PerceiverAR", "PerceiverARCache"]
 
@@ -109,11 +109,10 @@ class PerceiverAR(nn.Module):
         self.position_embedding = nn.Embedding(c.max_seq_len, c.dim, **factory)
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.position_embedding.weight, std=0.02)
-        common = {"ff_mult": c.ff_mult, "dropout": c.dropout, "use_sdpa": c.use_sdpa, **factory}
-        self.cross_attend = CrossAttentionBlock(c.dim, c.dim, heads=c.cross_heads, head_dim=c.head_dim, **common)
-        self.layers = nn.ModuleList(
-            SelfAttentionBlock(c.dim, heads=c.heads, head_dim=c.head_dim, **common) for _ in range(c.depth)
-        )
+        attn = AttentionSpec(heads=c.heads, head_dim=c.head_dim, dropout=c.dropout, use_sdpa=c.use_sdpa)
+        ff = FeedForwardSpec(mult=c.ff_mult, dropout=c.dropout)
+        self.cross_attend = CrossAttentionBlock(c.dim, c.dim, attn.replace(heads=c.cross_heads), ff, **factory)
+        self.layers = nn.ModuleList(SelfAttentionBlock(c.dim, attn, ff, **factory) for _ in range(c.depth))
         self.norm = make_norm("layernorm", c.dim, **factory)
         self.to_logits = nn.Linear(c.dim, c.vocab_size, bias=False, **factory)
 

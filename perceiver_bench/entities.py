@@ -19,11 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..decoders import PerceiverDecoder
-from ..perceiver_io import PerceiverIO
+from resampler.models.perceiver_io import PerceiverIO
+
 from .common import RunContext, TaskResult, save_curve_plot, train_model, training_facts
 from .config import BenchConfig
-from .models import encoder_config
+from .models import encoder_config, make_decoder
 
 TARGET = ">= 90% per-entity accuracy with variable set sizes"
 
@@ -56,7 +56,7 @@ def run(cfg: BenchConfig, ctx: RunContext) -> TaskResult:
     train = make_sets(cfg, cfg.data.num_train, cfg.seed)
     test = make_sets(cfg, cfg.data.num_test, cfg.seed + 1)
     dim = train["entities"].shape[-1]
-    decoder = PerceiverDecoder(mc.latent_dim, dim, 2, heads=mc.cross_heads, widening=mc.widening)
+    decoder = make_decoder(mc, dim, 2)
     model = PerceiverIO(encoder_config(mc, dim), decoder, queries_from_inputs=True)
     gen = torch.Generator().manual_seed(cfg.seed)
 

@@ -29,8 +29,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..blocks import SelfAttentionBlock
-from ..config import from_dict, to_dict
+from resampler.config import from_dict, to_dict
+from resampler.nn.attention import AttentionSpec
+from resampler.nn.blocks import FeedForwardSpec, SelfAttentionBlock
+
 from .common import RunContext, TaskResult, count_parameters
 from .config import BenchConfig, ModelConfig
 from .models import make_encoder
@@ -46,7 +48,9 @@ class VanillaTransformer(nn.Module):
         super().__init__()
         self.proj = nn.Linear(input_dim, mc.latent_dim)
         self.blocks = nn.ModuleList(
-            SelfAttentionBlock(mc.latent_dim, heads=mc.self_heads, ff_mult=mc.widening, use_sdpa=use_sdpa)
+            SelfAttentionBlock(
+                mc.latent_dim, AttentionSpec(heads=mc.self_heads, use_sdpa=use_sdpa), FeedForwardSpec(mult=mc.widening)
+            )
             for _ in range(layers)
         )
 
@@ -115,7 +119,7 @@ def _measure_in_subprocess(kind: str, length: int, cfg: BenchConfig, input_dim: 
         }
     )
     out = subprocess.run(
-        [sys.executable, "-m", "resampler.bench.scaling", payload], capture_output=True, text=True, check=False
+        [sys.executable, "-m", "perceiver_bench.scaling", payload], capture_output=True, text=True, check=False
     )
     if out.returncode != 0:
         return {"kind": kind, "length": length, "error": out.stderr.strip().splitlines()[-1:] or ["failed"]}
@@ -240,7 +244,7 @@ def _plot(rows: list[dict[str, Any]], kinds: list[str], slope: float, path) -> s
 RUNNERS = {"scaling": run}
 
 
-if __name__ == "__main__":  # one measurement in a fresh process: python -m resampler.bench.scaling '<json>'
+if __name__ == "__main__":  # one measurement in a fresh process: python -m perceiver_bench.scaling '<json>'
     args = json.loads(sys.argv[1])
     torch.set_num_threads(int(args["threads"]))
     model_cfg = from_dict(ModelConfig, args["model"])

@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..decoders import PerceiverDecoder
-from ..perceiver_io import PerceiverIO
-from ..position import FourierPositionEncoding
+from resampler.models.perceiver_io import PerceiverIO
+from resampler.nn.position import FourierPositionEncoding
+
 from .common import (
     RunContext,
     TaskResult,
@@ -31,7 +31,7 @@ from .common import (
     training_facts,
 )
 from .config import BenchConfig
-from .models import encoder_config
+from .models import encoder_config, make_decoder
 
 TARGET = "EPE <= 0.5x the zero-flow baseline"
 
@@ -93,7 +93,7 @@ def run(cfg: BenchConfig, ctx: RunContext) -> TaskResult:
     train_x, test_x = pixel_features(train_f, mc.num_bands), pixel_features(test_f, mc.num_bands)
     dim = train_x.shape[-1]
     train_t, test_t = train_flow.reshape(len(train_flow), s * s, 2), test_flow.reshape(len(test_flow), s * s, 2)
-    decoder = PerceiverDecoder(mc.latent_dim, dim, 2, heads=mc.cross_heads, widening=mc.widening)
+    decoder = make_decoder(mc, dim, 2)
     model = PerceiverIO(encoder_config(mc, dim), decoder, queries_from_inputs=True)
     num_q = int(cfg.data.options.get("train_queries", 128))
     gen = torch.Generator().manual_seed(cfg.seed)

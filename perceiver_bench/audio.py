@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..preprocessors import AudioPreprocessor
+from resampler.models.preprocessors import AudioPreprocessor
+
 from .common import (
     RunContext,
     TaskResult,

@@ -36,11 +36,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..decoders import FourierQueries, PerceiverDecoder
-from ..perceiver_io import PerceiverMaskedLM
-from ..position import FourierPositionEncoding
-from ..preprocessors import Preprocessed, TextPreprocessor
-from ..tokenizer import ByteTokenizer
+from resampler.models.decoders import FourierQueries
+from resampler.models.perceiver_io import PerceiverMaskedLM
+from resampler.models.preprocessors import Preprocessed, TextPreprocessor
+from resampler.nn.position import FourierPositionEncoding
+from resampler.tokenizer import ByteTokenizer
+
 from .common import (
     RunContext,
     TaskResult,
@@ -52,7 +53,7 @@ from .common import (
     training_facts,
 )
 from .config import BenchConfig
-from .models import encoder_config, make_classifier
+from .models import encoder_config, make_classifier, make_decoder
 
 MLM_TARGET = "masked-byte accuracy >= 3x the unigram baseline"
 CLS_TARGET = ">= 90% accuracy"
@@ -129,9 +130,7 @@ def run_mlm(cfg: BenchConfig, ctx: RunContext) -> TaskResult:
     bands = int(cfg.data.options.get("position_bands", 16))
     pre = ByteFourierPreprocessor(tok.vocab_size, mc.latent_dim, length, bands)
     queries = FourierQueries((length,), bands)
-    decoder = PerceiverDecoder(
-        mc.latent_dim, queries.dim, mc.latent_dim, queries=queries, heads=mc.cross_heads, widening=mc.widening
-    )
+    decoder = make_decoder(mc, queries.dim, mc.latent_dim, queries)
     model = PerceiverMaskedLM(pre, encoder_config(mc, pre.out_dim), decoder)
     nn.init.normal_(model.perceiver.encoder.latents, std=float(cfg.data.options.get("latent_init_std", 1.0)))
 

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..perceiver_ar import PerceiverAR, PerceiverARConfig
+from resampler.models.perceiver_ar import PerceiverAR, PerceiverARConfig
+
 from .common import RunContext, TaskResult, save_curve_plot, train_model, training_facts
 from .config import BenchConfig
 

@@ -23,9 +23,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..decoders import AudioPatchHead, ClassHead, FourierQueries, LearnedQueries, MultimodalDecoder
-from ..perceiver_io import PerceiverMultimodalAutoencoder
-from ..preprocessors import AudioPreprocessor, ImagePreprocessor, MultimodalPreprocessor, OneHotPreprocessor
+from resampler.models.decoders import AudioPatchHead, ClassHead, FourierQueries, LearnedQueries
+from resampler.models.multimodal import (
+    MultimodalDecoder,
+    MultimodalPreprocessor,
+    OneHotPreprocessor,
+    PerceiverMultimodalAutoencoder,
+)
+from resampler.models.preprocessors import AudioPreprocessor, ImagePreprocessor
+from resampler.nn.attention import AttentionSpec
+from resampler.nn.blocks import FeedForwardSpec
+
 from .common import RunContext, TaskResult, save_curve_plot, train_model, training_facts
 from .config import BenchConfig
 from .models import encoder_config
@@ -93,7 +101,8 @@ def build_model(cfg: BenchConfig) -> PerceiverMultimodalAutoencoder:
             "label": ClassHead(out_dim, NUM_CLASSES),
             "video": nn.Linear(out_dim, patch * patch),
         },
-        widening=mc.widening,
+        attn=AttentionSpec(heads=1, qkv_bias=True),
+        ff=FeedForwardSpec(mult=mc.widening),
     )
     return PerceiverMultimodalAutoencoder(pre, encoder_config(mc, pre.out_dim), decoder)
 

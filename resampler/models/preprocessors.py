@@ -9,20 +9,20 @@ M inputs came from) and, for the multimodal one, ``modality_sizes``. ``out_dim``
 - `AudioPreprocessor`: waveform patches + 1D Fourier positions.
 - `TextPreprocessor`: byte embeddings + learned positions (see `tokenizer.ByteTokenizer`).
 - `PointCloudPreprocessor`: per-example 3D Fourier features of the coordinates, padding masks.
-- `OneHotPreprocessor`: a label vector as one input.
-- `MultimodalPreprocessor`: several of these, padded to one width with learned per-modality vectors.
+
+The multimodal ones (one-hot labels, several modalities in one array) are in `multimodal.py`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from .position import fourier_feature_dim, fourier_features, linear_positions
+from ..nn.position import fourier_feature_dim, fourier_features, linear_positions
 
 __all__ = [
     "Preprocessed",
@@ -31,8 +31,6 @@ __all__ = [
     "AudioPreprocessor",
     "TextPreprocessor",
     "PointCloudPreprocessor",
-    "OneHotPreprocessor",
-    "MultimodalPreprocessor",
     "pad_point_clouds",
 ]
 
@@ -405,84 +403,3 @@ class PointCloudPreprocessor(nn.Module):
         hi = points.masked_fill(~m[..., None], -big).amax(dim=1, keepdim=True)
         centre, half = (lo + hi) / 2, ((hi - lo) / 2).amax(dim=-1, keepdim=True).clamp(min=1e-6)
         return ((points - centre) / half).masked_fill(~m[..., None], 0.0)
-
-
-class OneHotPreprocessor(nn.Module):
-    """A label vector (B, K) -> one input (B, 1, K)."""
-
-    def __init__(self, num_classes: int) -> None:
-        super().__init__()
-        self.out_dim = num_classes
-
-    def forward(self, labels: Tensor, mask: Tensor | None = None) -> Preprocessed:
-        if labels.dim() != 2 or labels.shape[1] != self.out_dim:
-            raise ValueError(f"OneHotPreprocessor: labels must be (B, {self.out_dim}), got {tuple(labels.shape)}")
-        x = labels[:, None, :]  # (B, 1, K)
-        return Preprocessed(x, mask, x, (1,))
-
-
-class MultimodalPreprocessor(nn.Module):
-    """Several modalities -> one (B, sum M_m, C) input, modalities concatenated in sorted-name order.
-
-    Each modality's features are padded to ``C = max width + min_padding`` with a learned vector of
-    that modality (which doubles as a modality embedding). ``mask_probs[name] = p`` replaces each of
-    that modality's inputs by a learned mask token with probability p, in training and evaluation as
-    in the official code (the Kinetics autoencoder masks the label with p=1 so it must be predicted).
-    ``forward(inputs: {name: x}, masks: {name: (B, M_m)} | None)``; a missing modality mask means all real.
-    """
-
-    def __init__(
-        self,
-        modalities: Mapping[str, nn.Module],
-        *,
-        min_padding: int = 2,
-        mask_probs: Mapping[str, float] | None = None,
-        device=None,
-        dtype=None,
-    ) -> None:
-        super().__init__()
-        if not modalities:
-            raise ValueError("MultimodalPreprocessor: give at least one modality")
-        self.names = sorted(modalities)
-        self.modalities = nn.ModuleDict(modalities)
-        self.out_dim = max(m.out_dim for m in modalities.values()) + min_padding
-        self.padding = nn.ParameterDict(
-            {
-                name: nn.Parameter(torch.randn(self.out_dim - m.out_dim, device=device, dtype=dtype) * 0.02)
-                for name, m in modalities.items()
-            }
-        )
-        self.mask_probs = dict(mask_probs or {})
-        unknown = set(self.mask_probs) - set(modalities)
-        if unknown:
-            raise ValueError(f"MultimodalPreprocessor: mask_probs for unknown modalities {sorted(unknown)}")
-        self.mask_tokens = nn.ParameterDict(
-            {
-                name: nn.Parameter(torch.randn(self.out_dim, device=device, dtype=dtype) * 0.02)
-                for name in self.mask_probs
-            }
-        )
-
-    def forward(self, inputs: Mapping[str, Tensor], masks: Mapping[str, Tensor] | None = None) -> Preprocessed:
-        if not isinstance(inputs, Mapping) or set(inputs) != set(self.names):
-            got = sorted(inputs) if isinstance(inputs, Mapping) else type(inputs).__name__
-            raise ValueError(f"MultimodalPreprocessor: inputs must be a dict with keys {self.names}, got {got}")
-        masks = dict(masks or {})
-        feats, mask_parts, sizes, without_pos = [], [], {}, {}
-        for name in self.names:
-            pre = self.modalities[name](inputs[name], mask=masks.get(name))
-            x = pre.features  # (B, M_m, C_m)
-            pad = self.padding[name].to(x.dtype).expand(*x.shape[:2], -1)
-            x = torch.cat([x, pad], dim=-1)  # (B, M_m, C)
-            p = self.mask_probs.get(name, 0.0)
-            if p > 0:
-                hit = torch.bernoulli(torch.full(x.shape[:2], p, device=x.device))[..., None].to(x.dtype)
-                x = (1 - hit) * x + hit * self.mask_tokens[name].to(x.dtype)
-            feats.append(x)
-            mask_parts.append(
-                pre.mask if pre.mask is not None else torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
-            )
-            sizes[name] = x.shape[1]
-            without_pos[name] = pre.without_pos
-        mask = torch.cat(mask_parts, dim=1) if masks else None
-        return Preprocessed(torch.cat(feats, dim=1), mask, without_pos, None, sizes)

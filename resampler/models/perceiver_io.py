@@ -3,13 +3,11 @@
 ``PerceiverIO(encoder, decoder, preprocessor=None)`` is glue: optional input adapter -> `PerceiverEncoder`
 -> a decoder (`PerceiverDecoder` or a task head from `decoders`). Cost is linear in the number of inputs
 M and of outputs O. The task models (`PerceiverMaskedLM`, `PerceiverOpticalFlow`,
-`PerceiverMultimodalAutoencoder`) mirror DeepMind's released Perceiver IO models, which
+`multimodal.PerceiverMultimodalAutoencoder`) mirror DeepMind's released Perceiver IO models, which
 `resampler.convert.from_hf_perceiver` loads.
 """
 
 from __future__ import annotations
-
-from collections.abc import Mapping
 
 from torch import Tensor, nn
 
@@ -17,7 +15,6 @@ from .decoders import (
     ClassificationDecoder,
     EmbeddingDecoder,
     FlowDecoder,
-    MultimodalDecoder,
     PerceiverDecoder,
     ProjectionDecoder,
 )
@@ -29,11 +26,12 @@ __all__ = [
     "PerceiverDecoder",
     "PerceiverMaskedLM",
     "PerceiverOpticalFlow",
-    "PerceiverMultimodalAutoencoder",
+    "build_encoder",
+    "check_widths",
 ]
 
 
-def _check_widths(name: str, preprocessor: nn.Module | None, encoder: PerceiverEncoder, decoder: nn.Module) -> None:
+def check_widths(name: str, preprocessor: nn.Module | None, encoder: PerceiverEncoder, decoder: nn.Module) -> None:
     """Preprocessor output == encoder input width; decoder latent width == encoder latent width."""
     cfg = encoder.config
     decoder_latent_dim = getattr(getattr(decoder, "decoder", decoder), "latent_dim", cfg.latent_dim)
@@ -47,7 +45,7 @@ def _check_widths(name: str, preprocessor: nn.Module | None, encoder: PerceiverE
         )
 
 
-def _encoder(encoder: PerceiverEncoder | PerceiverEncoderConfig, device, dtype) -> PerceiverEncoder:
+def build_encoder(encoder: PerceiverEncoder | PerceiverEncoderConfig, device, dtype) -> PerceiverEncoder:
     if isinstance(encoder, PerceiverEncoderConfig):
         return PerceiverEncoder(encoder, device=device, dtype=dtype)
     if not isinstance(encoder, PerceiverEncoder):
@@ -80,10 +78,10 @@ class PerceiverIO(nn.Module):
     ) -> None:
         super().__init__()
         self.preprocessor = preprocessor
-        self.encoder = _encoder(encoder, device, dtype)
+        self.encoder = build_encoder(encoder, device, dtype)
         self.decoder = decoder
         self.queries_from_inputs = queries_from_inputs
-        _check_widths("PerceiverIO", preprocessor, self.encoder, decoder)
+        check_widths("PerceiverIO", preprocessor, self.encoder, decoder)
 
     def encode(self, inputs, mask: Tensor | None = None) -> tuple[Tensor, Preprocessed]:
         """-> latents (B, N, D) and the preprocessed inputs (features, mask, ...)."""
@@ -136,38 +134,11 @@ class PerceiverOpticalFlow(nn.Module):
     ):
         super().__init__()
         self.preprocessor = preprocessor
-        self.encoder = _encoder(encoder, None, None)
+        self.encoder = build_encoder(encoder, None, None)
         self.decoder = decoder
-        _check_widths("PerceiverOpticalFlow", preprocessor, self.encoder, decoder)
+        check_widths("PerceiverOpticalFlow", preprocessor, self.encoder, decoder)
 
     def forward(self, frames: Tensor, query_index: Tensor | None = None) -> Tensor:
         pre = self.preprocessor(frames)
         latents = self.encoder(pre.features, pre.mask)
         return self.decoder(latents, pre.features, pre.index_dims, query_index)
-
-
-class PerceiverMultimodalAutoencoder(nn.Module):
-    """Video + audio + label autoencoding (Kinetics): ``forward({name: input}, query_index={name: idx})``.
-
-    Returns ``{name: output}`` per modality, from the modality heads of the `MultimodalDecoder`.
-    Decode the video in chunks of ``query_index`` to bound memory, as the official example does.
-    """
-
-    def __init__(
-        self, preprocessor: nn.Module, encoder: PerceiverEncoder | PerceiverEncoderConfig, decoder: MultimodalDecoder
-    ):
-        super().__init__()
-        self.preprocessor = preprocessor
-        self.encoder = _encoder(encoder, None, None)
-        self.decoder = decoder
-        _check_widths("PerceiverMultimodalAutoencoder", preprocessor, self.encoder, decoder)
-
-    def forward(
-        self,
-        inputs: Mapping[str, Tensor],
-        masks: Mapping[str, Tensor] | None = None,
-        query_index: Mapping[str, Tensor | None] | None = None,
-    ) -> dict[str, Tensor]:
-        pre = self.preprocessor(inputs, masks=masks)
-        latents = self.encoder(pre.features, pre.mask)
-        return self.decoder(latents, query_index)
