@@ -105,7 +105,9 @@ def without_frozen_context_projection(model: torch.nn.Module) -> torch.nn.Module
     """A copy of our resampler whose layers normalise the media, then project them (no affine folding)."""
     model = copy.deepcopy(model)
     for layer in model.layers:
-        layer.project_context = types.MethodType(lambda self, c: self.attn.project_kv(self.norm_kv(c)), layer)
+        layer.project_context = types.MethodType(
+            lambda self, c, key_pos=None: self.attn.project_kv(self.norm_kv(c), key_pos=key_pos), layer
+        )
     return model
 
 

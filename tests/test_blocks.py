@@ -84,8 +84,8 @@ def test_every_block_parameter_gets_a_gradient(norm):
             assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
 
 
-def _plain_projection(block, context):
-    return block.attn.project_kv(block.norm_kv(context))
+def _plain_projection(block, context, key_pos=None):
+    return block.attn.project_kv(block.norm_kv(context), key_pos=key_pos)
 
 
 @pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])

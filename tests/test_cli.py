@@ -29,7 +29,9 @@ def overfit_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     out = root / "run"
     args = ["--config", str(TINY / "train.yaml"), f"output_dir={out}", *shared_assets(root)]
-    args += ["data.batch_size=8", "train.max_steps=200", "train.lr=1e-2", "train.lora_lr=1e-2", "train.warmup_steps=5"]
+    # 300 steps: at 200 the final loss sat at 0.078-0.113 over seeds (rounding moves the trajectory),
+    # straddling the bound below; at 300 it is 0.068-0.070.
+    args += ["data.batch_size=8", "train.max_steps=300", "train.lr=1e-2", "train.lora_lr=1e-2", "train.warmup_steps=5"]
     main_train(args)
     return root, out, args
 
@@ -37,10 +39,10 @@ def overfit_run(tmp_path_factory):
 def test_train_overfits_a_tiny_batch(overfit_run):
     _, out, _ = overfit_run
     losses = [float(r["loss"]) for r in csv.DictReader((out / "metrics.csv").read_text().splitlines())]
-    assert len(losses) == 200
+    assert len(losses) == 300
     assert max(losses[-5:]) < 0.1 < losses[0], (losses[:2], losses[-5:])
     assert (out / "adapter").is_dir() and (out / "loss_curve.png").is_file()
-    assert (out / "checkpoints" / "latest").read_text() == "step_0000200"
+    assert (out / "checkpoints" / "latest").read_text() == "step_0000300"
 
 
 def test_eval_reproduces_the_overfit_captions(overfit_run, capsys):

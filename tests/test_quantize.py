@@ -103,7 +103,9 @@ def test_int8_encoder_attends_in_the_inputs_space_like_fp32(monkeypatch):
     projected_rows = []
     original = Attention.project_kv
     monkeypatch.setattr(
-        Attention, "project_kv", lambda self, c, *a: projected_rows.append(c.shape[1]) or original(self, c, *a)
+        Attention,
+        "project_kv",
+        lambda self, c, *a, **k: projected_rows.append(c.shape[1]) or original(self, c, *a, **k),
     )
     x = torch.randn(2, 300, 24)
     with torch.no_grad():

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .kernels import attend
+from .norms import NormSpec, make_norm
 
 __all__ = ["AttentionSpec", "Attention", "KVCache", "causal_mask", "normalize_mask", "zero_unattended", "MaskInfo"]
 
@@ -30,8 +31,10 @@ class AttentionSpec:
     heads: query heads. head_dim: per-head query/key width (None: the query width / heads).
     v_head_dim: per-head value width (None: head_dim). num_kv_heads: key/value heads, dividing heads
     (grouped-query attention; None: heads). qkv_bias / out_bias: biases of the input / output
-    projections. dropout: attention-probability dropout in training. use_sdpa: the kernel policy of
-    `resampler.nn.kernels` (False: always the fp32 reference kernel, for checking).
+    projections. qk_norm: a per-head 'layernorm' or 'rmsnorm' of the queries and keys (of width
+    head_dim, shared by the heads; IDEFICS), eps ``qk_norm_eps``. dropout: attention-probability dropout
+    in training. use_sdpa: the kernel policy of `resampler.nn.kernels` (False: always the fp32 reference
+    kernel, for checking).
     """
 
     heads: int = 8
@@ -40,10 +43,14 @@ class AttentionSpec:
     num_kv_heads: int | None = None
     qkv_bias: bool = False
     out_bias: bool = True
+    qk_norm: str | None = None
+    qk_norm_eps: float | None = None
     dropout: float = 0.0
     use_sdpa: bool = True
 
     def __post_init__(self) -> None:
+        if self.qk_norm is not None:
+            NormSpec(self.qk_norm, self.qk_norm_eps)  # validates the kind
         for name in ("heads", "head_dim", "v_head_dim", "num_kv_heads"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
@@ -203,31 +210,44 @@ class Attention(nn.Module):
         self.to_q = nn.Linear(q_dim, spec.heads * spec.head_dim, bias=spec.qkv_bias, **factory)
         self.to_kv = nn.Linear(kv_dim, kv_width, bias=spec.qkv_bias, **factory)
         self.to_out = nn.Linear(spec.heads * spec.v_head_dim, out_dim, bias=spec.out_bias, **factory)
+        qk_norm = None if spec.qk_norm is None else NormSpec(spec.qk_norm, spec.qk_norm_eps)
+        self.q_norm = None if qk_norm is None else make_norm(qk_norm, spec.head_dim, **factory)
+        self.k_norm = None if qk_norm is None else make_norm(qk_norm, spec.head_dim, **factory)
 
     def extra_repr(self) -> str:
         s = self.spec
         return f"heads={s.heads}, kv_heads={s.num_kv_heads}, head_dim={s.head_dim}, v_head_dim={s.v_head_dim}"
 
     def forward(
-        self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None, *, cache: KVCache | None = None
+        self,
+        x: Tensor,
+        context: Tensor | None = None,
+        mask: Tensor | None = None,
+        *,
+        cache: KVCache | None = None,
+        query_pos: Tensor | None = None,
+        key_pos: Tensor | None = None,
     ) -> Tensor:
         """``cache``: keys/values of earlier positions, extended by this call's (incremental decoding);
-        ``mask`` then covers the cached keys too."""
+        ``mask`` then covers the cached keys too. ``query_pos`` (Q, q_dim) / ``key_pos`` (M, kv_dim):
+        position encodings added to the queries' and the keys' inputs, never to the values'."""
         self.check_inputs(x, context)
         context = x if context is None else context
         if cache is None:
             context = zero_unattended(context, mask, x.shape[1], self.heads)
-        k, v = self.project_kv(context)
+        k, v = self.project_kv(context, key_pos=key_pos)
         if cache is not None:
             k, v = cache.update(k, v)
-        return self.attend_kv(x, k, v, mask)
+        return self.attend_kv(x, k, v, mask, query_pos=query_pos)
 
-    def attend_kv(self, x: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+    def attend_kv(
+        self, x: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, *, query_pos: Tensor | None = None
+    ) -> Tensor:
         """x (B, Q, q_dim) attends to keys (B, Hkv, M, dh) and values (B, Hkv, M, dv) projected by the
         caller (`project_kv`) -> (B, Q, out_dim). Keys/values no query attends to must be finite."""
         info = MaskInfo.of(mask, x.shape[0], self.heads, x.shape[1], k.shape[-2], x.device)
         out = attend(
-            self.project_q(x),
+            self.project_q(x, query_pos),
             k,
             v,
             None if info is None else info.mask,
@@ -237,22 +257,32 @@ class Attention(nn.Module):
         )
         return self.merge_heads(out, info)
 
-    def project_q(self, x: Tensor) -> Tensor:
-        """x (B, Q, q_dim) -> queries (B, H, Q, dh)."""
+    def project_q(self, x: Tensor, pos: Tensor | None = None) -> Tensor:
+        """x (B, Q, q_dim) [+ positions (Q, q_dim)] -> queries (B, H, Q, dh)."""
         b, q_len, _ = x.shape
-        return self.to_q(x).view(b, q_len, self.heads, self.head_dim).transpose(1, 2)
+        q = self.to_q(x if pos is None else x + pos).view(b, q_len, self.heads, self.head_dim).transpose(1, 2)
+        return q if self.q_norm is None else self.q_norm(q)
 
     def project_kv(
-        self, context: Tensor, weight: Tensor | None = None, bias: Tensor | None = None
+        self,
+        context: Tensor,
+        weight: Tensor | None = None,
+        bias: Tensor | None = None,
+        *,
+        key_pos: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """context (B, M, kv_dim) -> keys (B, Hkv, M, dh) and values (B, Hkv, M, dv); ``weight`` and
-        ``bias`` replace ``to_kv``'s (the same rows [keys; values]) when given."""
+        ``bias`` replace ``to_kv``'s (the same rows [keys; values]) when given. ``key_pos`` (M, kv_dim):
+        positions added to the keys' input only, ``k = W_k (context + pos)``."""
         b, m, _ = context.shape
+        split = self.num_kv_heads * self.head_dim
         kv = self.to_kv(context) if weight is None else F.linear(context, weight, bias)
-        k, v = kv.split([self.num_kv_heads * self.head_dim, self.num_kv_heads * self.v_head_dim], dim=-1)
+        k, v = kv.split([split, self.num_kv_heads * self.v_head_dim], dim=-1)
+        if key_pos is not None:
+            k = k + F.linear(key_pos, self.to_kv.weight[:split])  # (M, Hkv*dh), shared by the batch
         k = k.view(b, m, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, M, dh)
         v = v.view(b, m, self.num_kv_heads, self.v_head_dim).transpose(1, 2)  # (B, Hkv, M, dv)
-        return k, v
+        return (k if self.k_norm is None else self.k_norm(k)), v
 
     def merge_heads(self, out: Tensor, info: MaskInfo | None) -> Tensor:
         """Per-head outputs (B, H, Q, dv) -> ``to_out`` (B, Q, out_dim); keyless queries give exactly 0."""

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import Attention, AttentionSpec, KVCache, zero_unattended
-from .folded import FoldedAttention, normalize_without_affine
+from .folded import FoldedAttention
+from .norms import NormSpec, make_norm, normalize_without_affine
 
 __all__ = [
     "NormSpec",
@@ -37,18 +38,6 @@ ACTIVATIONS = {
     "relu": F.relu,
     "relu2": lambda x: F.relu(x).square(),  # squared ReLU (Primer)
 }
-
-
-@dataclass(frozen=True)
-class NormSpec:
-    """'layernorm' (eps 1e-5 by default) or 'rmsnorm' (eps 1e-6 by default)."""
-
-    kind: str = "layernorm"
-    eps: float | None = None
-
-    def __post_init__(self) -> None:
-        if self.kind not in ("layernorm", "rmsnorm"):
-            raise ValueError(f"norm must be 'layernorm' or 'rmsnorm', got {self.kind!r}")
 
 
 @dataclass(frozen=True)
@@ -76,14 +65,6 @@ class FeedForwardSpec:
 
     def replace(self, **changes) -> FeedForwardSpec:
         return dataclasses.replace(self, **changes)
-
-
-def make_norm(spec: NormSpec | str, dim: int, eps: float | None = None, *, device=None, dtype=None) -> nn.Module:
-    """A LayerNorm or RMSNorm of width ``dim`` (``spec``: a `NormSpec` or its kind)."""
-    spec = NormSpec(spec, eps) if isinstance(spec, str) else spec
-    if spec.kind == "layernorm":
-        return nn.LayerNorm(dim, eps=1e-5 if spec.eps is None else spec.eps, device=device, dtype=dtype)
-    return nn.RMSNorm(dim, eps=1e-6 if spec.eps is None else spec.eps, device=device, dtype=dtype)
 
 
 class FeedForward(nn.Module):
@@ -121,7 +102,8 @@ class CrossAttentionBlock(nn.Module):
     outputs differ in kind from their queries). ``kv_includes_queries=True`` appends the normed queries
     to the keys/values (context first, then queries): the Flamingo resampler's latents attend to the
     media and to themselves. ``fold=True`` attends in the context's own space (`FoldedAttention`), for
-    long narrow contexts; same weights, same function.
+    long narrow contexts; same weights, same function. ``feed_forward=False`` drops the MLP (and its
+    norm): one attention layer, as the MiniCPM-V / Qwen-VL resampler.
     """
 
     def __init__(
@@ -136,6 +118,7 @@ class CrossAttentionBlock(nn.Module):
         query_residual: bool = True,
         kv_includes_queries: bool = False,
         fold: bool = False,
+        feed_forward: bool = True,
         device=None,
         dtype=None,
     ) -> None:
@@ -155,38 +138,48 @@ class CrossAttentionBlock(nn.Module):
         self.norm_kv = make_norm(norm, kv_dim, **factory)
         attention = FoldedAttention if fold else Attention
         self.attn = attention(q_dim, kv_dim, attn.resolved(q_dim, "CrossAttentionBlock"), out_dim=out_dim, **factory)
-        self.norm_ff = make_norm(norm, out_dim, **factory)
-        self.ff = FeedForward(out_dim, ff, **factory)
+        self.norm_ff = make_norm(norm, out_dim, **factory) if feed_forward else None
+        self.ff = FeedForward(out_dim, ff, **factory) if feed_forward else None
 
     def forward(
-        self, x: Tensor, context: Tensor, mask: Tensor | None = None, *, cache: KVCache | None = None
+        self,
+        x: Tensor,
+        context: Tensor,
+        mask: Tensor | None = None,
+        *,
+        cache: KVCache | None = None,
+        query_pos: Tensor | None = None,
+        key_pos: Tensor | None = None,
     ) -> Tensor:
-        """``cache``: keys/values of earlier context positions (incremental decoding, Perceiver AR)."""
+        """``cache``: keys/values of earlier context positions (incremental decoding, Perceiver AR).
+        ``query_pos`` (N, q_dim) and ``key_pos`` (M, kv_dim): positions added to the normed queries
+        and context where they enter the query and key projections, never the values (DETR-style;
+        with ``kv_includes_queries`` the queries' keys get ``query_pos``)."""
         _check_width("CrossAttentionBlock", "x", x, self.norm_q.normalized_shape[0])
         _check_width("CrossAttentionBlock", "context", context, self.norm_kv.normalized_shape[0])
         q = self.norm_q(x)
         if self.fold:
-            if cache is not None:
-                raise ValueError("CrossAttentionBlock: a folded block has no keys to cache")
+            if cache is not None or query_pos is not None or key_pos is not None:
+                raise ValueError("CrossAttentionBlock: a folded block takes no cache and no positions")
             h = self.attn(q, context, mask, norm=self.norm_kv)
         else:
             if cache is None:
                 context = zero_unattended(context, mask, q.shape[1], self.attn.heads)
-            k, v = self.project_context(context)
+            k, v = self.project_context(context, key_pos)
             if self.kv_includes_queries:
                 if cache is not None:
                     raise ValueError("CrossAttentionBlock: a cache cannot be combined with kv_includes_queries")
-                k_q, v_q = self.attn.project_kv(q)
+                k_q, v_q = self.attn.project_kv(q, key_pos=query_pos)
                 k, v = torch.cat([k, k_q], dim=-2), torch.cat([v, v_q], dim=-2)  # context first, then queries
                 if mask is not None:
                     mask = _extend_mask_with_queries(mask, q.shape[-2])
             if cache is not None:
                 k, v = cache.update(k, v)
-            h = self.attn.attend_kv(q, k, v, mask)
+            h = self.attn.attend_kv(q, k, v, mask, query_pos=query_pos)
         x = x + h if self.query_residual else h
-        return x + self.ff(self.norm_ff(x))
+        return x if self.ff is None else x + self.ff(self.norm_ff(x))
 
-    def project_context(self, context: Tensor) -> tuple[Tensor, Tensor]:
+    def project_context(self, context: Tensor, key_pos: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Keys and values of ``norm_kv(context)``.
 
         A context that needs no gradient (frozen features) is projected with the norm's affine folded
@@ -197,12 +190,12 @@ class CrossAttentionBlock(nn.Module):
         norm, proj = self.norm_kv, self.attn.to_kv
         frozen = not (torch.is_grad_enabled() and context.requires_grad)
         if not frozen or type(proj) is not nn.Linear or norm.weight is None:
-            return self.attn.project_kv(norm(context))
+            return self.attn.project_kv(norm(context), key_pos=key_pos)
         weight, bias, shift = proj.weight * norm.weight, proj.bias, getattr(norm, "bias", None)
         if shift is not None:
             shift = F.linear(shift, proj.weight)  # W b: (Hkv*(dh+dv),)
             bias = shift if bias is None else bias + shift
-        return self.attn.project_kv(normalize_without_affine(norm, context), weight, bias)
+        return self.attn.project_kv(normalize_without_affine(norm, context), weight, bias, key_pos=key_pos)
 
 
 class SelfAttentionBlock(nn.Module):

@@ -25,8 +25,9 @@ from torch import Tensor, nn
 
 from .attention import Attention, AttentionSpec, MaskInfo, zero_unattended
 from .kernels import attend
+from .norms import normalize_without_affine
 
-__all__ = ["FoldedAttention", "fold_pays", "normalize_without_affine"]
+__all__ = ["FoldedAttention", "fold_pays"]
 
 
 def fold_pays(spec: AttentionSpec, num_queries: int, kv_dim: int) -> bool:
@@ -34,26 +35,17 @@ def fold_pays(spec: AttentionSpec, num_queries: int, kv_dim: int) -> bool:
 
     Per key: projected ``C·Hkv·(dh + dv) + H·Q·(dh + dv)``, folded ``2·H·Q·C`` (the queries' mapping,
     ``H·Q·C·(dh + dv)``, is paid once per call, not per key). Dropout with a value bias cannot fold
-    (dropped probabilities no longer sum to 1), so it never pays then.
+    (dropped probabilities no longer sum to 1), nor can a per-head key norm: it never pays then.
     """
     if spec.head_dim is None:
         raise ValueError("fold_pays needs a spec with head_dim set (AttentionSpec.resolved)")
-    if spec.dropout and spec.qkv_bias:
-        return False
+    if (spec.dropout and spec.qkv_bias) or spec.qk_norm is not None:
+        return False  # (a per-key norm does not factor through the key projection)
     h, dh = spec.heads, spec.head_dim
     dv = dh if spec.v_head_dim is None else spec.v_head_dim
     hkv = h if spec.num_kv_heads is None else spec.num_kv_heads
     projected = kv_dim * hkv * (dh + dv) + h * num_queries * (dh + dv)
     return 2 * h * num_queries * kv_dim < projected
-
-
-def normalize_without_affine(norm: nn.Module, x: Tensor) -> Tensor:
-    """``norm``'s normalisation (a LayerNorm or RMSNorm) of x, without its weight and bias."""
-    if isinstance(norm, nn.LayerNorm):
-        return F.layer_norm(x, norm.normalized_shape, eps=norm.eps)
-    if isinstance(norm, nn.RMSNorm):
-        return F.rms_norm(x, norm.normalized_shape, eps=norm.eps)
-    raise TypeError(f"unsupported norm {type(norm).__name__}: expected LayerNorm or RMSNorm")
 
 
 class FoldedAttention(Attention):
@@ -67,6 +59,8 @@ class FoldedAttention(Attention):
         super().__init__(q_dim, kv_dim, spec, **kwargs)
         if self.spec.dropout and self.spec.qkv_bias:
             raise ValueError("FoldedAttention: dropout with a value bias cannot fold (dropped rows do not sum to 1)")
+        if self.spec.qk_norm is not None:
+            raise ValueError("FoldedAttention: a per-head key norm cannot fold into the queries")
 
     def forward(self, x: Tensor, context: Tensor, mask: Tensor | None = None, *, norm: nn.Module | None = None):
         self.check_inputs(x, context)

@@ -1,4 +1,4 @@
-"""Position encodings: DeepMind's Fourier features and learned embeddings.
+"""Position encodings: DeepMind's Fourier features, learned embeddings, fixed 2D sin-cos tables.
 
 Fourier features (Perceiver, Jaegle et al. 2021): positions scaled to [-1, 1] per axis; for each
 axis K bands with frequencies linearly spaced from 1 to max_resolution / 2; features laid out as
@@ -19,6 +19,7 @@ __all__ = [
     "fourier_feature_dim",
     "FourierPositionEncoding",
     "LearnedPositionEncoding",
+    "sincos_2d",
 ]
 
 
@@ -123,3 +124,27 @@ class LearnedPositionEncoding(nn.Module):
 
     def forward(self, batch_size: int) -> Tensor:
         return self.weight.expand(batch_size, *self.weight.shape)
+
+
+def sincos_2d(height: int, width: int, dim: int, *, device=None, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Fixed 2D sin-cos positions of a (height, width) grid, row-major -> (height * width, dim).
+
+    The MAE / Qwen-VL / MiniCPM-V table: the first half of the channels encodes the column index, the
+    second half the row index; each half is ``[sin(p w_i), cos(p w_i)]`` with ``w_i = 10000^(-i / (dim/4))``,
+    i < dim / 4.
+    """
+    if dim % 4:
+        raise ValueError(f"sincos_2d needs dim divisible by 4, got {dim}")
+    if height <= 0 or width <= 0:
+        raise ValueError(f"sincos_2d needs a non-empty grid, got ({height}, {width})")
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)  # (D/4,)
+    rows, cols = torch.meshgrid(
+        torch.arange(height, dtype=torch.float64), torch.arange(width, dtype=torch.float64), indexing="ij"
+    )
+
+    def encode(p: Tensor) -> Tensor:
+        angles = p.reshape(-1, 1) * omega  # (H*W, D/4)
+        return torch.cat([angles.sin(), angles.cos()], dim=-1)  # (H*W, D/2)
+
+    return torch.cat([encode(cols), encode(rows)], dim=-1).to(device=device, dtype=dtype)  # (H*W, D)
