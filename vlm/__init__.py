@@ -14,7 +14,7 @@ from .model import VisionLanguageModel
 from .processor import IGNORE_INDEX, VLMProcessor
 from .registry import LM_FAMILIES, LMFamily
 from .run_config import EvalConfig, RunConfig
-from .train import EpochLoader, TrainConfig, train
+from .training import EpochLoader, TrainConfig, train
 from .vision import VisionTower
 
 __all__ = [

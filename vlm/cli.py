@@ -26,8 +26,9 @@ import torch
 from resampler.config import load_config, parse_cli, save_config, to_dict
 
 from .backbones import ensure_standin_backbones, register_standin_vision
+from .distributed import init_distributed
 from .run_config import RunConfig
-from .train import init_distributed, set_seed, train
+from .training import set_seed, train
 
 __all__ = [
     "prepare",

@@ -26,6 +26,7 @@ from .gated_xattn import GatedCrossAttention
 from .language import apply_lora, load_language_model, load_tokenizer, unwrap_lm
 from .processor import IGNORE_INDEX, VLMProcessor
 from .registry import decoder_layers
+from .training.optim import param_groups
 from .vision import VisionTower, load_open_clip
 
 __all__ = ["VisionLanguageModel", "build_projector"]
@@ -175,23 +176,10 @@ class VisionLanguageModel(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
     def param_groups(self, lr: float, lora_lr: float | None = None, weight_decay: float = 0.0) -> list[dict]:
-        """Optimizer groups: "connector" (resampler, projection, gates) and "lora" (the LM adapters).
-
-        Weight decay applies to matrices only (not to biases, norms, gates or latents' 1-D params).
-        """
-        groups = {"connector": ([], []), "lora": ([], [])}
-        for name, param in self.named_parameters():
-            if not param.requires_grad:
-                continue
-            group = groups["lora" if name.startswith("lm.") else "connector"]
-            group[0 if param.dim() >= 2 else 1].append(param)
-        out = []
-        for name, (decay, no_decay) in groups.items():
-            group_lr = lr if name == "connector" or lora_lr is None else lora_lr
-            for params, wd, suffix in ((decay, weight_decay, ""), (no_decay, 0.0, "_no_decay")):
-                if params:
-                    out.append({"params": params, "lr": group_lr, "weight_decay": wd, "name": name + suffix})
-        return out
+        """Optimizer groups by the trainer's rule (`vlm.training.optim.param_groups`): "connector"
+        (resampler, projection, gates) at ``lr`` and "lora" (the LM adapters) at ``lora_lr``; no weight
+        decay on biases, norms, gates, latents, position/time embeddings or token-embedding rows."""
+        return param_groups(self, lr, lora_lr, weight_decay)
 
     # ----------------------------------------------------------------------------- images
 

@@ -22,8 +22,9 @@ from typing import Literal
 
 from .backbones import StandInConfig
 from .config import VLMConfig
-from .data.config import DataConfig, SyntheticConfig
-from .train import TrainConfig
+from .data.config import DataConfig
+from .data.synthetic import SyntheticConfig
+from .training.config import TrainConfig
 
 __all__ = ["EvalConfig", "ShardsConfig", "FeaturesConfig", "RunConfig"]
 
