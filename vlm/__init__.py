@@ -11,9 +11,9 @@ from .config import (
     VLMConfig,
 )
 from .model import VisionLanguageModel
+from .pipeline import EvalConfig, RunConfig
 from .processor import IGNORE_INDEX, VLMProcessor
 from .registry import LM_FAMILIES, LMFamily
-from .run_config import EvalConfig, RunConfig
 from .training import EpochLoader, TrainConfig, train
 from .vision import VisionTower
 
