@@ -138,28 +138,23 @@ def main(argv: list[str] | None = None) -> None:
     run(argv[0], argv[1:])
 
 
-def main_make_shards(argv: list[str] | None = None) -> None:
-    run("make-shards", argv)
+def _console_script(name: str) -> Callable[[list[str] | None], None]:
+    """The ``pvlm-<name>`` entry point (pyproject's [project.scripts]): runs the command, returns None."""
+
+    def entry(argv: list[str] | None = None) -> None:
+        run(name, argv)
+
+    entry.__name__ = entry.__qualname__ = f"main_{name.replace('-', '_')}"
+    entry.__doc__ = f"``pvlm-{name}``: {COMMANDS[name].description}"
+    return entry
 
 
-def main_precompute_features(argv: list[str] | None = None) -> None:
-    run("precompute-features", argv)
-
-
-def main_train(argv: list[str] | None = None) -> None:
-    run("train", argv)
-
-
-def main_eval(argv: list[str] | None = None) -> None:
-    run("eval", argv)
-
-
-def main_caption(argv: list[str] | None = None) -> None:
-    run("caption", argv)
-
-
-def main_demo(argv: list[str] | None = None) -> None:
-    run("demo", argv)
+main_make_shards = _console_script("make-shards")
+main_precompute_features = _console_script("precompute-features")
+main_train = _console_script("train")
+main_eval = _console_script("eval")
+main_caption = _console_script("caption")
+main_demo = _console_script("demo")
 
 
 # ----------------------------------------------------------------------------------------------
