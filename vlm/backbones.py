@@ -303,7 +303,7 @@ def train_standin_lm(
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(lm_config, dtype=torch.float32)
     encoded = [[tokenizer.bos_token_id, *tokenizer(t)["input_ids"], tokenizer.eos_token_id] for t in texts]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(param_groups(model, config.lr, weight_decay=0.0))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config.steps, config.warmup_steps))
     gen = torch.Generator().manual_seed(seed)
     model.train()

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..io import atomic_write
+from .config import TrainConfig
 
 __all__ = ["METRIC_FIELDS", "MetricLogger", "plot_loss_curve", "progress_bar"]
 
@@ -25,7 +26,7 @@ METRIC_FIELDS = ["step", "loss", "lr_connector", "lr_lora", "grad_norm", "sample
 class MetricLogger:
     """metrics.csv (truncated to the resumed step, so a resumed run has one clean history) + TensorBoard."""
 
-    def __init__(self, out: Path, start_step: int, config, enabled: bool) -> None:
+    def __init__(self, out: Path, start_step: int, config: TrainConfig, enabled: bool) -> None:
         self.enabled, self.config, self.out = enabled, config, out
         self.rows: list[dict[str, float]] = []
         self.path = out / "metrics.csv"

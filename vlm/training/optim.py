@@ -14,11 +14,13 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .config import TrainConfig
+
 __all__ = ["param_groups", "is_lora", "is_decayed", "build_optimizer", "warmup_cosine"]
 
 # Leaf names of parameters a model holds directly that are embeddings, not matrices: the resampler's
 # latents and its time / patch-position embeddings, CLIP's class and positional embeddings, gates.
-_NO_DECAY_LEAF = re.compile(r"latent|embed|position|gate")
+_NO_DECAY_LEAF = re.compile(r"latent|emb|position|gate")  # emb: embed, embedding, pos_emb, time_emb
 
 
 def is_lora(name: str) -> bool:
@@ -69,7 +71,7 @@ def param_groups(model: nn.Module, lr: float, lora_lr: float | None = None, weig
     ]
 
 
-def build_optimizer(model: nn.Module, config) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     """AdamW over `param_groups` with a `TrainConfig`'s learning rates, decay, betas and eps."""
     groups = param_groups(model, config.lr, config.lora_lr, config.weight_decay)
     return torch.optim.AdamW(groups, betas=config.betas, eps=config.eps)

@@ -31,6 +31,7 @@ from resampler.config import to_dict
 from ..distributed import barrier, gather_objects, rank, world_size
 from ..io import atomic_directory, atomic_write
 from .batches import BatchStream
+from .config import TrainConfig
 
 __all__ = ["CHECKPOINT_DIR", "latest_checkpoint", "save_checkpoint", "load_checkpoint", "set_seed"]
 
@@ -59,7 +60,7 @@ def save_checkpoint(
     scheduler,
     scaler,
     stream: BatchStream,
-    config,
+    config: TrainConfig,
     run_config: dict[str, Any] | None,
 ) -> Path | None:
     """Write ``checkpoints/step_XXXXXXX`` atomically, point ``latest`` at it, keep the newest
