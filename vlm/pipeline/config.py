@@ -132,5 +132,5 @@ class RunConfig:
 def default_config_file() -> Iterator[Path]:
     """The embedded default's YAML (``pvlm-demo``'s default ``--config``), shipped inside the package as
     ``vlm/configs/default.yaml``: found through importlib.resources, wherever vlm is installed."""
-    with resources.as_file(resources.files("vlm").joinpath("configs", "default.yaml")) as path:
+    with resources.as_file(resources.files("vlm") / "configs" / "default.yaml") as path:
         yield path
