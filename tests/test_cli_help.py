@@ -58,3 +58,19 @@ def test_a_field_a_command_reads_must_exist():
 def test_module_entry_point_lists_the_commands():
     proc = subprocess.run([sys.executable, "-m", "vlm.cli"], capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and all(name in proc.stderr for name in COMMANDS)
+
+
+def test_demo_reads_the_packaged_default_unless_given_a_config(tmp_path):
+    import yaml
+
+    from vlm.cli import parse
+    from vlm.pipeline.config import default_config_file
+
+    with default_config_file() as path:
+        shipped = yaml.safe_load(path.read_text())
+    cfg, _ = parse("demo", [f"output_dir={tmp_path}"])
+    assert cfg.train.max_steps == shipped["train"]["max_steps"] and cfg.standin.enabled
+    other = tmp_path / "other.yaml"
+    other.write_text("train: {max_steps: 3}\n")
+    cfg, _ = parse("demo", ["--config", str(other)])
+    assert cfg.train.max_steps == 3 and not cfg.standin.enabled
