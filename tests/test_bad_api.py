@@ -156,7 +156,7 @@ def test_impossible_core_configs_are_rejected_at_construction(case):
 def _vlm_configs():
     from vlm.config import InjectionConfig, LoRAConfig, ProjectorConfig, ResamplerConfig, VLMConfig
     from vlm.data import DataConfig
-    from vlm.train import TrainConfig
+    from vlm.training import TrainConfig
 
     return {
         "resampler.num_latents": (lambda: ResamplerConfig(num_latents=0), r"resampler.num_latents must be positive"),

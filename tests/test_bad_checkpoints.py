@@ -162,7 +162,7 @@ def test_loading_wrong_tensors_into_a_built_model_changes_nothing():
 def _training_checkpoint(tmp_path):
     from test_train import make, quiet
 
-    from vlm.train import latest_checkpoint, train
+    from vlm.training import latest_checkpoint, train
 
     model, loader = make()
     train(model, loader, quiet(max_steps=2), tmp_path)
@@ -183,7 +183,7 @@ def test_a_damaged_training_checkpoint_is_a_clear_error_and_loads_nothing(tmp_pa
     from safetensors.torch import load_file, save_file
     from test_train import make, quiet
 
-    from vlm.train import train
+    from vlm.training import train
 
     ckpt = _training_checkpoint(tmp_path)
     weights = ckpt / "trainable.safetensors"

@@ -143,7 +143,7 @@ def test_missing_truncated_and_garbage_shards_are_skipped_and_counted(tmp_path, 
 
 def test_a_training_run_over_messy_shards_finishes_and_reports_what_it_skipped(tmp_path, caplog):
     from vlm.testing import tiny_vlm
-    from vlm.train import TrainConfig, train
+    from vlm.training import TrainConfig, train
 
     samples, expected_bad, expected_modes, _ = _messy_samples()
     shards = _write(tmp_path / "data", samples, samples_per_shard=6)

@@ -59,8 +59,7 @@ def test_eval_reproduces_the_overfit_captions(overfit_run, capsys):
 
 
 def test_caption_command_on_image_files(overfit_run, capsys, tmp_path):
-    from vlm.data.config import SyntheticConfig
-    from vlm.data.synthetic import generate_scene
+    from vlm.data import SyntheticConfig, generate_scene
 
     _, out, args = overfit_run
     scene = generate_scene(SyntheticConfig(image_size=32, captions_per_image=3), "train", 0)

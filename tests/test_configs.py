@@ -9,7 +9,7 @@ import yaml
 
 from perceiver_bench.config import CONFIG_DIR as BENCH_CONFIGS
 from resampler.config import from_dict, load_config, to_dict
-from vlm.run_config import RunConfig
+from vlm import RunConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 RUN = sorted(p for p in CONFIGS.rglob("*.yaml"))

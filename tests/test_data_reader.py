@@ -12,8 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vlm.data import DataConfig, write_samples
-from vlm.data.reader import CaptionLoader, build_transform, decode_image
+from vlm.data import CaptionLoader, DataConfig, build_transform, decode_image, write_samples
 
 SIZE = 16
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from test_train import make, quiet
 
-from vlm.train import train
+from vlm.training import train
 
 TESTS = Path(__file__).parent
 
@@ -20,7 +20,8 @@ WORKER = textwrap.dedent(
     import sys, torch
     sys.path.insert(0, {tests!r})
     from test_train import make, quiet
-    from vlm.train import init_distributed, train
+    from vlm.distributed import init_distributed
+    from vlm.training import train
     rank, world = init_distributed()
     assert world == 2, world
     torch.manual_seed(1000 + rank)  # different initial weights per rank: the loop must broadcast rank 0's

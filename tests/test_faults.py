@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 from test_train import make, quiet
 
-from vlm.train import TrainConfig, latest_checkpoint, train
+from vlm.training import TrainConfig, latest_checkpoint, train
 
 TESTS = Path(__file__).parent
 STEPS, EVERY = 8, 2
@@ -50,8 +50,8 @@ KILL_WORKER = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    import importlib
-    T = importlib.import_module("vlm.train")  # the module (vlm.train is also the exported function)
+    import vlm.training.state as T  # the checkpoint writer, patched below
+    from vlm.training import train
     from test_faults import _config
     from test_train import make
 
@@ -72,12 +72,12 @@ KILL_WORKER = textwrap.dedent(
                 hold()
         T.save_file = slow_save
     elif where == "pointer_write":  # step 4's directory renamed into place, `latest` not yet updated
-        atomic_write = T._atomic_write
+        atomic_write = T.atomic_write
         def slow_pointer(path, text):
             if text == "step_0000004":
                 hold()
             atomic_write(path, text)
-        T._atomic_write = slow_pointer
+        T.atomic_write = slow_pointer
 
     model, loader = make(dropout=0.2)
     if where == "mid_step":  # during step 5's forward, after step 4's checkpoint
@@ -88,7 +88,7 @@ KILL_WORKER = textwrap.dedent(
                 hold()
             return forward(*args, **kwargs)
         model.forward = counting
-    T.train(model, loader, _config(), out)
+    train(model, loader, _config(), out)
     """
 )
 
@@ -235,12 +235,12 @@ PEER_WORKER = textwrap.dedent(
     import os, sys, time
     from types import SimpleNamespace
     import torch
-    import importlib
-    T = importlib.import_module("vlm.train")  # the module (vlm.train is also the exported function)
+    from vlm.distributed import init_distributed
+    from vlm.training import train
     from test_train import make, quiet
 
     rank, fault = int(os.environ["RANK"]), sys.argv[2]
-    T.init_distributed(timeout_s=float(sys.argv[3]))
+    init_distributed(timeout_s=float(sys.argv[3]))
     model, loader = make(batch=4)
     forward, calls = model.forward, [0]
     def faulty(*args, **kwargs):
@@ -253,7 +253,7 @@ PEER_WORKER = textwrap.dedent(
             time.sleep(600)  # hang
         return forward(*args, **kwargs)
     model.forward = faulty
-    result = T.train(model, loader, quiet(max_steps=6 if fault == "nan" else 50), sys.argv[1])
+    result = train(model, loader, quiet(max_steps=6 if fault == "nan" else 50), sys.argv[1])
     params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     torch.save({"params": params, "skipped": result.skipped_steps, "losses": result.losses}, f"{sys.argv[1]}/rank{rank}.pt")
     """

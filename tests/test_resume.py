@@ -8,7 +8,7 @@ import pytest
 import torch
 from test_train import make, quiet
 
-from vlm.train import latest_checkpoint, train
+from vlm.training import latest_checkpoint, train
 
 
 def test_stop_and_resume_is_bit_identical_to_uninterrupted(tmp_path):

@@ -20,7 +20,7 @@ from PIL import Image
 from test_train import make, quiet
 
 from vlm.config import LMConfig
-from vlm.train import latest_checkpoint, train
+from vlm.training import latest_checkpoint, train
 
 ROOT = Path(__file__).resolve().parent.parent
 SCANNED = ["resampler", "vlm", "scripts", "benchmarks"]
@@ -108,8 +108,8 @@ def test_weights_are_written_as_safetensors_only():
         for node in ast.walk(tree):
             if isinstance(node, ast.Call) and _dotted(node.func) == "torch.save":
                 writers.setdefault(str(path), []).append(node.lineno)
-    assert set(writers) <= {"vlm/train.py"}, writers
-    assert len(writers.get("vlm/train.py", [])) <= 2, writers
+    assert set(writers) <= {"vlm/training/state.py"}, writers
+    assert len(writers.get("vlm/training/state.py", [])) <= 2, writers
 
 
 def _imported_from(tree: ast.AST, module: str, name: str) -> bool:

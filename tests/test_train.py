@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from vlm.train import EpochLoader, TrainConfig, build_optimizer, latest_checkpoint, train, warmup_cosine
+from vlm.training import EpochLoader, TrainConfig, build_optimizer, latest_checkpoint, train, warmup_cosine
 
 
 class ToyAdapter(nn.Module):
@@ -69,8 +69,7 @@ def test_overfits_small_dataset(tmp_path):
 
 
 def test_warmup_cosine_matches_formula():
-    cfg = TrainConfig(max_steps=110, warmup_steps=10, min_lr_ratio=0.1)
-    f = warmup_cosine(cfg)
+    f = warmup_cosine(max_steps=110, warmup_steps=10, min_lr_ratio=0.1)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(10) == pytest.approx(1.0)
     assert f(60) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
@@ -79,8 +78,7 @@ def test_warmup_cosine_matches_formula():
 
 def test_separate_learning_rates_for_connector_and_lora():
     model = ToyAdapter()
-    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    opt = build_optimizer(trainable, TrainConfig(lr=3e-3, lora_lr=5e-4, weight_decay=0.1))
+    opt = build_optimizer(model, TrainConfig(lr=3e-3, lora_lr=5e-4, weight_decay=0.1))
     by_name = {g["name"]: g for g in opt.param_groups}
     lora_ids = {id(model.lora_A), id(model.lora_B)}
     for name, group in by_name.items():

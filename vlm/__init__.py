@@ -11,10 +11,10 @@ from .config import (
     VLMConfig,
 )
 from .model import VisionLanguageModel
+from .pipeline import EvalConfig, RunConfig
 from .processor import IGNORE_INDEX, VLMProcessor
 from .registry import LM_FAMILIES, LMFamily
-from .run_config import EvalConfig, RunConfig
-from .train import EpochLoader, TrainConfig, train
+from .training import EpochLoader, TrainConfig, train
 from .vision import VisionTower
 
 __all__ = [

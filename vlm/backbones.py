@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -29,6 +28,9 @@ from typing import Any
 import torch
 
 from resampler.config import to_dict
+
+from .io import atomic_directory
+from .training.optim import param_groups, warmup_cosine
 
 VISION_WEIGHTS = "open_clip_model.safetensors"  # weights are written and read as safetensors only
 
@@ -139,13 +141,15 @@ def ensure_standin_backbones(
     if not _is_current(vision_dir, config.vision, config.seed) or not (vision_dir / VISION_WEIGHTS).is_file():
         pairs = load_pairs()
         log(f"stand-in vision: training a tiny open_clip ViT ({config.vision.steps} steps, contrastive)")
-        _build_atomically(vision_dir, lambda tmp: train_standin_vision(config.vision, *pairs, tmp, config.seed, log))
+        with atomic_directory(vision_dir) as tmp:
+            train_standin_vision(config.vision, *pairs, tmp, config.seed, log)
     else:
         log(f"stand-in vision: reusing {vision_dir}")
     if not _is_current(lm_dir, config.lm, config.seed):
         pairs = load_pairs() if pairs is None else pairs
         log(f"stand-in LM: training a tiny Llama on the captions ({config.lm.steps} steps)")
-        _build_atomically(lm_dir, lambda tmp: train_standin_lm(config.lm, pairs[1], tmp, config.seed, log))
+        with atomic_directory(lm_dir) as tmp:
+            train_standin_lm(config.lm, pairs[1], tmp, config.seed, log)
     else:
         log(f"stand-in LM: reusing {lm_dir}")
     name = register_standin_vision(vision_dir)
@@ -175,22 +179,6 @@ def _is_current(part_dir: Path, config: Any, seed: int) -> bool:
         return False
     saved = json.loads(record.read_text())
     return saved.get("config") == to_dict(config) and saved.get("seed") == seed
-
-
-def _build_atomically(final: Path, build: Callable[[Path], dict[str, Any]]) -> None:
-    tmp = final.with_name(f".tmp_{final.name}_{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    build(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-
-
-def _schedule(step: int, steps: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, steps - warmup))))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -229,15 +217,9 @@ def train_standin_vision(
     text_ids = tokenizer(list(texts))  # (num distinct captions, context_length)
     caption_index = [[texts[c] for c in caps] for caps in captions]
 
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embedding" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embedding" not in n)]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=config.lr,
-        betas=(0.9, 0.98),
-        eps=1e-6,
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(s, config.steps, config.warmup_steps))
+    groups = param_groups(model, config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.98), eps=1e-6)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config.steps, config.warmup_steps))
     loss_fn = ClipLoss()
     gen = torch.Generator().manual_seed(seed)
     model.train()
@@ -321,8 +303,8 @@ def train_standin_lm(
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(lm_config, dtype=torch.float32)
     encoded = [[tokenizer.bos_token_id, *tokenizer(t)["input_ids"], tokenizer.eos_token_id] for t in texts]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(s, config.steps, config.warmup_steps))
+    optimizer = torch.optim.AdamW(param_groups(model, config.lr, weight_decay=0.0))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config.steps, config.warmup_steps))
     gen = torch.Generator().manual_seed(seed)
     model.train()
     start, losses = time.perf_counter(), []

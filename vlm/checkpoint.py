@@ -2,7 +2,7 @@
 
 Saved: resampler, projection, LoRA weights, gated cross-attention blocks and the rows of tokens the
 VLM added to the LM's vocabulary. Not saved: the frozen tower and LM (the manifest says where they
-come from). Writes are atomic (temp dir in the same parent + ``os.replace``); loads are strict.
+come from). Writes are atomic (`vlm.io.atomic_directory`); loads are strict.
 
     directory/
       adapter.safetensors
@@ -12,9 +12,6 @@ come from). Writes are atomic (temp dir in the same parent + ``os.replace``); lo
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -23,6 +20,7 @@ from torch import Tensor
 from resampler.config import from_dict, to_dict
 
 from .config import VLMConfig
+from .io import atomic_directory
 
 __all__ = ["save_adapter", "load_adapter", "adapter_state_dict", "read_manifest", "read_weights", "load_component"]
 
@@ -85,24 +83,12 @@ def save_adapter(model, directory: str | Path) -> Path:
     from safetensors.torch import save_file
 
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
     state = adapter_state_dict(model)
     manifest = _manifest(model)
     manifest["tensors"] = {k: list(v.shape) for k, v in state.items()}
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    try:
+    with atomic_directory(directory) as tmp:
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        old = None
-        if directory.exists():  # os.replace cannot overwrite a non-empty directory: move it aside first
-            old = directory.parent / f".{directory.name}.old-{os.getpid()}"
-            os.replace(directory, old)
-        os.replace(tmp, directory)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
 
 

@@ -1,446 +1,276 @@
-"""Console commands, all driven by a `RunConfig` YAML plus ``section.field=value`` overrides.
+"""Console commands: a parser and a dispatch table over `vlm.pipeline`, all driven by a `RunConfig`.
 
     pvlm-make-shards          --config configs/tiny/make_shards.yaml   shards from the synthetic world / a folder / img2dataset
     pvlm-precompute-features  --config ...   the frozen tower's patch features (fp16) as new shards
     pvlm-train                --config ...   train resampler + projection + LoRA (torchrun for N processes)
     pvlm-eval                 --config ...   CIDEr / BLEU-4 / attribute accuracy, the no-image ablation, a PNG grid
     pvlm-caption              --config ... --images a.png b.png
-    pvlm-demo                 [--config configs/default.yaml]   the embedded default: all of the above, offline
+    pvlm-demo                 [--config ...]   the embedded default (shipped as vlm/configs/default.yaml), offline
+    python -m vlm.cli <command> ...          the same, e.g. under torchrun
 
-Each step is also a function (`prepare`, `build_model`, `run_training`, `run_evaluation`) so tests
-and notebooks call the same code the commands run.
+Every command reads ``--config file.yaml`` plus ``section.field=value`` overrides through
+`resampler.config.parse_cli`; what parse_cli does not cover lives here: a command's own options
+(``--adapter``, ``--images``), the demo's default config, and a ``--help`` that lists the config
+fields the command reads, generated from the dataclasses (type, default and the field's comment).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import ast
+import dataclasses
+import inspect
+import io
 import sys
-import time
-from dataclasses import replace
-from pathlib import Path
+import textwrap
+import tokenize
+import types
+import typing
+from collections.abc import Callable
+from functools import cache
 from typing import Any
 
 import torch
 
-from resampler.config import load_config, parse_cli, save_config, to_dict
+from resampler.config import parse_cli
 
-from .backbones import ensure_standin_backbones, register_standin_vision
-from .run_config import RunConfig
-from .train import init_distributed, set_seed, train
+from . import pipeline
+from .pipeline.config import RunConfig, default_config_file
 
-__all__ = [
-    "prepare",
-    "build_model",
-    "split_spec",
-    "run_training",
-    "run_evaluation",
-    "main_make_shards",
-    "main_precompute_features",
-    "main_train",
-    "main_eval",
-    "main_caption",
-    "main_demo",
-    "DEFAULT_CONFIG",
+__all__ = ["COMMANDS", "Command", "parse", "run", "main", "fields_help"] + [
+    f"main_{name}" for name in ("make_shards", "precompute_features", "train", "eval", "caption", "demo")
 ]
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
-_DONE = ".complete"
+_ADAPTER = (("--adapter",), {"default": None, "help": "adapter directory (default: <output_dir>/adapter)"})
+_IMAGES = (("--images",), {"nargs": "+", "required": True, "help": "image files to caption"})
+_TOP = ("output_dir", "threads")  # every command reads these
 
 
-def _log(msg: str) -> None:
-    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-        print(msg, flush=True)
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """One console command: the pipeline function it runs and what it reads."""
+
+    run: Callable[..., Any]  # run(cfg, **options)
+    description: str
+    reads: tuple[str, ...]  # RunConfig sections, sub-sections or fields, e.g. "train", "model.vision", "seed"
+    options: tuple[tuple[tuple[str, ...], dict[str, Any]], ...] = ()  # argparse (flags, kwargs) of its own
+    default_config: bool = False  # --config defaults to the shipped embedded default
 
 
-# ----------------------------------------------------------------------------------------------
-# Steps
-
-
-def prepare(cfg: RunConfig, *, features: bool = True) -> RunConfig:
-    """Make what the config asks for and is not there yet: the synthetic world, the stand-in
-    backbones, the feature cache. Returns the config with the resulting paths filled in."""
-    if cfg.make_synthetic:
-        cfg = make_synthetic_world(cfg)
-    if cfg.standin.enabled:
-        cfg = ensure_standins(cfg)
-    if features and cfg.data.use_cached_features and cfg.features.splits:
-        ensure_feature_cache(cfg)
-    return cfg
-
-
-def make_synthetic_world(cfg: RunConfig) -> RunConfig:
-    """Write the synthetic world's splits to ``data_dir`` once (a marker file says it is complete)."""
-    from .data.synthetic import write_synthetic_shards
-
-    out = cfg.data_dir
-    marker = out / _DONE
-    record = json.dumps(to_dict(cfg.synthetic), sort_keys=True)
-    if not (marker.is_file() and marker.read_text() == record):
-        if _rank() == 0:
-            start = time.perf_counter()
-            sizes = cfg.synthetic.split_sizes
-            _log(f"synthetic world: writing {sizes} images of {cfg.synthetic.image_size} px to {out}")
-            write_synthetic_shards(cfg.synthetic, out)
-            marker.write_text(record)
-            _log(f"synthetic world: done in {time.perf_counter() - start:.1f} s")
-        _barrier()
-    data = cfg.data
-    data = replace(
-        data,
-        train_shards=data.train_shards or str(out / "train-*.tar"),
-        val_shards=data.val_shards or str(out / "val-*.tar"),
-        test_shards=data.test_shards or str(out / "test-*.tar"),
-    )
-    return replace(cfg, data=data)
-
-
-def ensure_standins(cfg: RunConfig) -> RunConfig:
-    """Train (rank 0) or reuse the stand-in backbones and point ``model.vision``/``model.lm`` at them."""
-    if _rank() == 0:
-        paths = ensure_standin_backbones(cfg.standin, cfg.standin_dir, lambda: _standin_pairs(cfg), log=_log)
-    _barrier()
-    if _rank() != 0:
-        paths = ensure_standin_backbones(cfg.standin, cfg.standin_dir, lambda: _standin_pairs(cfg), log=lambda m: None)
-    model = cfg.model
-    model = replace(
-        model,
-        vision=replace(model.vision, name=paths["vision_name"], pretrained=paths["vision_pretrained"]),
-        lm=replace(model.lm, name_or_path=paths["lm_dir"]),
-    )
-    return replace(cfg, model=model)
-
-
-def _standin_pairs(cfg: RunConfig) -> tuple[torch.Tensor, list[list[str]]]:
-    """The training split in memory: preprocessed images (N, 3, H, W) and every caption of each."""
-    import open_clip
-
-    from .data.reader import CaptionLoader
-
-    if not cfg.data.train_shards:
-        raise ValueError("standin.enabled needs training shards: set data.train_shards or make_synthetic: true")
-    size = cfg.standin.vision.image_size
-    read = replace(cfg.data, use_cached_features=False, batch_size=512, num_workers=0, image_size=size)
-    loader = CaptionLoader(cfg.data.train_shards, read, transform=open_clip.image_transform(size, False), train=False)
-    images, captions = [], []
-    for batch in loader:
-        images.append(batch["images"])
-        captions += batch.references
-    return torch.cat(images), captions
-
-
-def ensure_feature_cache(cfg: RunConfig) -> None:
-    """Encode each split in ``features.splits`` once with the frozen tower (rank 0; others wait)."""
-    from .data.features import precompute_features
-    from .vision import VisionTower, load_open_clip
-
-    todo = [s for s in cfg.features.splits if not (cfg.features_dir / f"{s}-features.json").is_file()]
-    if todo and _rank() == 0:
-        vision_model, preprocess = load_open_clip(cfg.model.vision)
-        tower = VisionTower(vision_model, cfg.model.vision, preprocess)
-        read = replace(cfg.data, batch_size=cfg.features.batch_size, use_cached_features=False)
-        for split in todo:
-            source = _raw_split_spec(cfg, split)
-            start = time.perf_counter()
-            summary = precompute_features(
-                source,
-                cfg.features_dir,
-                tower,
-                read,
-                prefix=split,
-                transform=preprocess,
-                description={"name": cfg.model.vision.name, "pretrained": cfg.model.vision.pretrained,
-                             "layer": cfg.model.vision.layer, "keep_cls": cfg.model.vision.keep_cls},
-            )  # fmt: skip
-            seconds = time.perf_counter() - start
-            _log(f"feature cache: {split}: {summary.num_samples} images in {seconds:.1f} s -> {cfg.features_dir}")
-    _barrier()
-
-
-def _raw_split_spec(cfg: RunConfig, split: str) -> str:
-    spec = {"train": cfg.data.train_shards, "val": cfg.data.val_shards, "test": cfg.data.test_shards}.get(split)
-    if spec:
-        return spec
-    guess = cfg.data_dir / f"{split}-*.tar"
-    if list(guess.parent.glob(guess.name)):
-        return str(guess)
-    raise ValueError(f"no shards for split {split!r}: set data.{split}_shards (known splits: train, val, test)")
-
-
-def split_spec(cfg: RunConfig, split: str) -> str:
-    """The shards a split is read from: the feature cache when ``data.use_cached_features`` and the
-    split was cached, else the raw shards."""
-    if cfg.data.use_cached_features and split in cfg.features.splits:
-        return str(cfg.features_dir / f"{split}-*.tar")
-    return _raw_split_spec(cfg, split)
-
-
-def build_model(cfg: RunConfig):
-    from .model import VisionLanguageModel
-
-    set_seed(cfg.seed)
-    return VisionLanguageModel.from_config(cfg.model)
-
-
-def train_loader(cfg: RunConfig, model):
-    from .data.reader import CaptionLoader
-
-    return CaptionLoader(
-        split_spec(cfg, "train"),
-        cfg.data,
-        transform=model.vision.preprocess,
-        text=model.processor,
-        prompt=model.config.caption_prompt,
-        train=True,
-    )
-
-
-def run_training(cfg: RunConfig, model=None):
-    """Train and write ``<output_dir>/adapter`` (the adapter-only checkpoint) on rank 0."""
-    model = build_model(cfg) if model is None else model
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n_all = sum(p.numel() for p in model.parameters())
-    _log(f"model: {n_train / 1e6:.3f} M trainable of {n_all / 1e6:.2f} M parameters")
-    if _rank() == 0:
-        cfg.out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, cfg.out / "run_config.yaml")
-    start = time.perf_counter()
-    result = train(model, train_loader(cfg, model), cfg.train, cfg.out, seed=cfg.seed, run_config=to_dict(cfg))
-    seconds = time.perf_counter() - start
-    if _rank() == 0 and result.step == cfg.train.max_steps:
-        model.save_adapter(cfg.out / "adapter")
-    tail = result.losses[-20:] or [float("nan")]
-    _log(f"train: {result.step} steps, last loss {sum(tail) / len(tail):.4f}, {seconds:.1f} s this call")
-    return model, result
+_PREPARE = ("make_synthetic", "synthetic", "standin", "shards.output_dir", "features")
+COMMANDS: dict[str, Command] = {
+    "make-shards": Command(
+        pipeline.make_shards,
+        "Write webdataset shards: the synthetic world, a folder + captions file, or img2dataset output.",
+        (*_TOP, "shards", "synthetic"),
+    ),
+    "precompute-features": Command(
+        pipeline.cache_features,
+        "Cache the frozen vision tower's patch features (fp16) as new shards.",
+        (*_TOP, *_PREPARE, "data", "model.vision"),
+    ),
+    "train": Command(
+        pipeline.train_adapter,
+        "Train resampler + projection + LoRA on caption shards (torchrun for N processes).",
+        (*_TOP, "seed", *_PREPARE, "data", "model", "train"),
+    ),
+    "eval": Command(
+        pipeline.evaluate_adapter,
+        "Evaluate a trained adapter: CIDEr, BLEU-4, attribute accuracy, the no-image ablation.",
+        (*_TOP, *_PREPARE, "data", "model.vision", "eval"),
+        options=(_ADAPTER,),
+    ),
+    "caption": Command(
+        pipeline.caption_files,
+        "Caption image files with a trained adapter.",
+        (*_TOP, "standin.enabled", "standin.dir", "eval.max_new_tokens"),
+        options=(_ADAPTER, _IMAGES),
+    ),
+    "demo": Command(
+        pipeline.demo,
+        "The embedded default, offline: synthetic world, stand-in backbones, train, evaluate.",
+        (*_TOP, "seed", *_PREPARE, "data", "model", "train", "eval"),
+        default_config=True,
+    ),
+}
 
 
 # ----------------------------------------------------------------------------------------------
-# Evaluation
+# Parsing and dispatch
 
 
-@torch.no_grad()
-def run_evaluation(cfg: RunConfig, model, *, log=_log) -> dict[str, Any]:
-    """Caption every split in ``eval.splits`` and score it; with ``eval.ablation`` also caption the
-    same images with the image input removed (prompt only). Writes ``eval/<split>.json`` (metrics +
-    predictions), ``eval/<split>_samples.png`` and ``eval/metrics.json``; returns the metrics."""
-    from . import evaluation as ev
-    from .data.reader import CaptionLoader
-
-    out = cfg.out / "eval"
-    summary: dict[str, Any] = {}
-    gen = {"max_new_tokens": cfg.eval.max_new_tokens, "num_beams": cfg.eval.num_beams}
-    for split in cfg.eval.splits:
-        read = replace(cfg.data, batch_size=cfg.eval.batch_size, num_workers=0)
-
-        def loader(split=split, read=read):
-            return CaptionLoader(
-                split_spec(cfg, split),
-                read,
-                transform=model.vision.preprocess,
-                train=False,
-                keep_pixels=cfg.eval.grid_samples > 0,
-            )
-
-        start = time.perf_counter()
-        preds, refs, meta, pixels = ev.generate_captions(model, loader(), max_images=cfg.eval.max_samples, **gen)
-        seconds = time.perf_counter() - start
-        if not preds:
-            raise ValueError(f"eval: split {split!r} ({split_spec(cfg, split)}) has no samples")
-        metrics = ev.evaluate_captions(preds, refs, meta, synthetic=cfg.synthetic, tokenizer=cfg.eval.metrics_tokenizer)
-        metrics["images_per_s"] = len(preds) / seconds
-        if cfg.eval.ablation:
-            ablated, *_ = ev.generate_captions(
-                model, loader(), ablate_images=True, max_images=cfg.eval.max_samples, **gen
-            )
-            metrics["no_image"] = ev.evaluate_captions(
-                ablated, refs, meta, synthetic=cfg.synthetic, tokenizer=cfg.eval.metrics_tokenizer
-            )
-            metrics["no_image"]["example"] = next(iter(ablated.values()))
-        ev.write_results(out / f"{split}.json", preds, refs, metrics, {"split": split})
-        keys = list(preds)
-        if cfg.eval.grid_samples and pixels:
-            shown = [k for k in keys if k in pixels][: cfg.eval.grid_samples]
-            ev.save_caption_grid(
-                out / f"{split}_samples.png", [pixels[k] for k in shown], [preds[k] for k in shown],
-                [refs[k] for k in shown], titles=shown,
-            )  # fmt: skip
-        summary[split] = metrics
-        log(format_split_report(split, metrics, keys, preds, refs, cfg.eval.print_samples))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(summary, indent=1))
-    return summary
+def parse(name: str, argv: list[str] | None = None) -> tuple[RunConfig, dict[str, Any]]:
+    """``argv`` of command ``name`` -> (the RunConfig, the command's own options as keyword arguments)."""
+    command = COMMANDS[name]
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        _help_parser(name, command).print_help()
+        raise SystemExit(0)
+    own = argparse.ArgumentParser(prog=f"pvlm-{name}", add_help=False, allow_abbrev=False)
+    for flags, kwargs in command.options:
+        own.add_argument(*flags, **kwargs)
+    options, rest = own.parse_known_args(argv)
+    if command.default_config and not any(a == "--config" or a.startswith("--config=") for a in rest):
+        with default_config_file() as path:
+            cfg = parse_cli(RunConfig, ["--config", str(path), *rest], command.description)
+    else:
+        cfg = parse_cli(RunConfig, rest, command.description)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    return cfg, vars(options)
 
 
-def format_split_report(split: str, metrics: dict[str, Any], keys, preds, refs, n_samples: int) -> str:
-    lines = [f"== {split}: {len(preds)} held-out images =="]
-    lines += _metric_lines("with image", metrics)
-    if "no_image" in metrics:
-        lines += _metric_lines("image removed", metrics["no_image"])
-        base = metrics["no_image"]["CIDEr"]
-        ratio = metrics["CIDEr"] / base if base > 0 else float("inf")
-        lines.append(
-            f"  CIDEr with image / image removed: {ratio:.1f}x   (image removed says: {metrics['no_image']['example']!r})"
-        )
-    for k in keys[:n_samples]:
-        lines.append(f"  {k}: generated {preds[k]!r}")
-        lines.append(f"  {' ' * len(k)}  reference {refs[k][0]!r}")
+def run(name: str, argv: list[str] | None = None) -> Any:
+    """Parse ``argv`` for command ``name`` and run it; returns what the pipeline step returns."""
+    cfg, options = parse(name, argv)
+    return COMMANDS[name].run(cfg, **options)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m vlm.cli <command> [--config file.yaml] [section.field=value ...]``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    usage = f"usage: python -m vlm.cli {{{','.join(COMMANDS)}}} [--config file.yaml] [overrides]  (<command> --help)"
+    if not argv or argv[0] not in COMMANDS:
+        if argv[:1] in (["-h"], ["--help"]):
+            print(usage)
+            raise SystemExit(0)
+        raise SystemExit(usage)
+    run(argv[0], argv[1:])
+
+
+def _console_script(name: str) -> Callable[[list[str] | None], None]:
+    """The ``pvlm-<name>`` entry point (pyproject's [project.scripts]): runs the command, returns None."""
+
+    def entry(argv: list[str] | None = None) -> None:
+        run(name, argv)
+
+    entry.__name__ = entry.__qualname__ = f"main_{name.replace('-', '_')}"
+    entry.__doc__ = f"``pvlm-{name}``: {COMMANDS[name].description}"
+    return entry
+
+
+main_make_shards = _console_script("make-shards")
+main_precompute_features = _console_script("precompute-features")
+main_train = _console_script("train")
+main_eval = _console_script("eval")
+main_caption = _console_script("caption")
+main_demo = _console_script("demo")
+
+
+# ----------------------------------------------------------------------------------------------
+# --help: the config fields a command reads, from the dataclasses
+
+
+def _help_parser(name: str, command: Command) -> argparse.ArgumentParser:
+    default = " (default: the shipped embedded default)" if command.default_config else ""
+    parser = argparse.ArgumentParser(
+        prog=f"pvlm-{name}",
+        description=command.description,
+        epilog=fields_help(command.reads),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", help=f"RunConfig YAML (see configs/){default}")
+    for flags, kwargs in command.options:
+        parser.add_argument(*flags, **kwargs)
+    parser.add_argument("overrides", nargs="*", help="section.field=value (value parsed as YAML), e.g. train.lr=1e-3")
+    return parser
+
+
+def fields_help(reads: tuple[str, ...], root: type = RunConfig) -> str:
+    """The listing ``--help`` prints: every field under ``reads`` with its type, default and comment."""
+    lines = ["config fields this command reads (set them in the YAML or as section.field=value):"]
+    for path in reads:
+        cls, field = _resolve(root, path)
+        if field is None:
+            lines += _section_lines(cls, path)
+        else:
+            lines += _section_lines(cls, path.rpartition(".")[0], only=field)
     return "\n".join(lines)
 
 
-def _metric_lines(label: str, metrics: dict[str, Any]) -> list[str]:
-    lines = [
-        f"  {label:>13}: CIDEr {metrics['CIDEr']:.3f}  BLEU-4 {metrics['BLEU-4']:.3f}  ROUGE-L {metrics['ROUGE-L']:.3f}"
-    ]
-    for group, row in (metrics.get("attribute_accuracy") or {}).items():
-        name = {"1": "1 object", "2": "2 objects", "3": "3 objects"}.get(group, group)
-        lines.append(
-            f"  {'':>13}  {name:>9} ({row['images']:>3} images): attributes {row['attributes']:.1%}  "
-            f"[colour {row['colour']:.1%}, shape {row['shape']:.1%}, position {row['position']:.1%}, "
-            f"size {row['size']:.1%}, count {row['object_count']:.1%}]"
-        )
+def _resolve(root: type, path: str) -> tuple[type, str | None]:
+    """``"model.vision"`` -> (VisionConfig, None); ``"shards.output_dir"`` -> (ShardsConfig, "output_dir")."""
+    cls = root
+    parts = path.split(".")
+    for i, part in enumerate(parts):
+        hint = typing.get_type_hints(cls).get(part)
+        if hint is None:
+            raise KeyError(f"{cls.__name__} has no field {part!r} (in {path!r})")
+        if not dataclasses.is_dataclass(hint):
+            if i != len(parts) - 1:
+                raise KeyError(f"{path!r}: {part!r} is not a section")
+            return cls, part
+        cls = hint
+    return cls, None
+
+
+def _section_lines(cls: type, prefix: str, only: str | None = None) -> list[str]:
+    """A section's own fields first, then each sub-section; ``only`` picks one field."""
+    hints = typing.get_type_hints(cls)
+    comments = _field_comments(cls)
+    header = textwrap.fill(f"{prefix}: {_summary(cls.__doc__)}", 110, initial_indent="  ", subsequent_indent="      ")
+    lines = [] if only is not None else [header]
+    nested = []
+    for f in dataclasses.fields(cls):
+        if not f.init or (only is not None and f.name != only):
+            continue
+        name = f"{prefix}.{f.name}" if prefix else f.name
+        if dataclasses.is_dataclass(hints[f.name]):
+            nested.append((hints[f.name], name))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        text = f"{name}: {_type_name(hints[f.name])} = {default!r}"
+        if f.name in comments:
+            text += f"  -- {comments[f.name]}"
+        lines.append(textwrap.fill(text, 110, initial_indent="    ", subsequent_indent="        "))
+    for sub, name in nested:
+        lines += _section_lines(sub, name)
     return lines
 
 
-# ----------------------------------------------------------------------------------------------
-# Loading a trained adapter
+def _type_name(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Literal:
+        return "{" + ",".join(str(a) for a in args) + "}"
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in args)
+    if origin is not None:
+        inner = ", ".join("..." if a is Ellipsis else _type_name(a) for a in args)
+        return f"{getattr(origin, '__name__', str(origin))}[{inner}]"
+    return "None" if tp is type(None) else getattr(tp, "__name__", str(tp))
 
 
-def load_trained(cfg: RunConfig, adapter: str | Path | None = None):
-    """The VLM of a finished run: base parts from the adapter's manifest, adapter weights strictly."""
-    from .model import VisionLanguageModel
-
-    if cfg.standin.enabled:
-        register_standin_vision(cfg.standin_dir / "vision")
-    path = Path(adapter) if adapter else cfg.out / "adapter"
-    if not path.is_dir():
-        raise ValueError(f"no adapter at {path}: train first (pvlm-train) or pass --adapter")
-    return VisionLanguageModel.load_adapter(path)
-
-
-# ----------------------------------------------------------------------------------------------
-# Commands
-
-
-def _parse(argv, description: str, default: Path | None = None, extra=None) -> tuple[RunConfig, argparse.Namespace]:
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", type=Path, default=default, help="RunConfig YAML (see configs/)")
-    if extra is not None:
-        extra(parser)
-    parser.add_argument("overrides", nargs="*", help="section.field=value, e.g. train.max_steps=100")
-    args = parser.parse_args(argv)
-    overrides = list(args.overrides)
-    cfg = load_config(RunConfig, args.config, overrides) if args.config else parse_cli(RunConfig, overrides)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    return cfg, args
+@cache
+def _field_comments(cls: type) -> dict[str, str]:
+    """A dataclass's field comments from its source: the ``# ...`` after a field, else the lines above it."""
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return {}
+    by_line = {
+        tok.start[0]: tok.string.lstrip("#").strip()
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+        if tok.type == tokenize.COMMENT
+    }
+    code_lines = source.splitlines()
+    out: dict[str, str] = {}
+    for node in ast.parse(source).body[0].body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            after = by_line.get(node.end_lineno)
+            above, line = [], node.lineno - 1
+            while line in by_line and code_lines[line - 1].lstrip().startswith("#"):
+                above.insert(0, by_line[line])
+                line -= 1
+            text = after if after else " ".join(above)
+            if text:
+                out[node.target.id] = text
+    return out
 
 
-def main_make_shards(argv: list[str] | None = None) -> None:
-    from .data import shards as sh
-
-    cfg, _ = _parse(
-        argv, "Write webdataset shards: the synthetic world, a folder + captions file, or img2dataset output."
-    )
-    src = cfg.shards
-    if src.source == "synthetic":
-        make_synthetic_world(replace(cfg, make_synthetic=True))
-        return
-    if not src.input_dir:
-        raise ValueError(f"shards.source={src.source!r} needs shards.input_dir")
-    if src.source == "folder":
-        if not src.captions_file:
-            raise ValueError("shards.source='folder' needs shards.captions_file (CSV or JSONL)")
-        summary = sh.shards_from_folder(
-            src.input_dir, src.captions_file, cfg.data_dir, src.prefix, src.samples_per_shard
-        )
-    else:
-        summary = sh.shards_from_img2dataset(src.input_dir, cfg.data_dir, src.prefix, src.samples_per_shard)
-    print(
-        f"wrote {summary.num_samples} samples to {len(summary.shards)} shards in {cfg.data_dir}; skipped {summary.skipped}"
-    )
-
-
-def main_precompute_features(argv: list[str] | None = None) -> None:
-    cfg, _ = _parse(argv, "Cache the frozen vision tower's patch features (fp16) as new shards.")
-    prepare(replace(cfg, data=replace(cfg.data, use_cached_features=True)), features=True)
-
-
-def main_train(argv: list[str] | None = None) -> None:
-    init_distributed()
-    cfg, _ = _parse(argv, "Train resampler + projection + LoRA on caption shards (torchrun for N processes).")
-    run_training(prepare(cfg))
-
-
-def main_eval(argv: list[str] | None = None) -> None:
-    def extra(p):
-        p.add_argument("--adapter", type=Path, default=None, help="adapter dir (default <output_dir>/adapter)")
-
-    cfg, args = _parse(
-        argv, "Evaluate a trained adapter: CIDEr, BLEU-4, attribute accuracy, the no-image ablation.", extra=extra
-    )
-    cfg = prepare(cfg)
-    run_evaluation(cfg, load_trained(cfg, args.adapter))
-
-
-def main_caption(argv: list[str] | None = None) -> None:
-    from PIL import Image
-
-    def extra(p):
-        p.add_argument("--adapter", type=Path, default=None, help="adapter dir (default <output_dir>/adapter)")
-        p.add_argument("--images", nargs="+", required=True, help="image files to caption")
-
-    cfg, args = _parse(argv, "Caption image files with a trained adapter.", extra=extra)
-    model = load_trained(cfg, args.adapter)
-    images = [Image.open(p).convert("RGB") for p in args.images]
-    for path, text in zip(args.images, model.caption(images, max_new_tokens=cfg.eval.max_new_tokens)):
-        print(f"{path}: {text}")
-
-
-def main_demo(argv: list[str] | None = None) -> None:
-    """The embedded default: world -> stand-in backbones -> feature cache -> train -> evaluate."""
-    cfg, _ = _parse(
-        argv, "The embedded default, offline: synthetic world, stand-in backbones, train, evaluate.", DEFAULT_CONFIG
-    )
-    start = time.perf_counter()
-    cfg = prepare(cfg)
-    _log(f"prepared in {time.perf_counter() - start:.1f} s")
-    model, _ = run_training(cfg)
-    _log(f"trained; {time.perf_counter() - start:.1f} s so far")
-    run_evaluation(cfg, model)
-    import resource
-
-    cpu = resource.getrusage(resource.RUSAGE_SELF)
-    _log(
-        f"demo done in {time.perf_counter() - start:.1f} s wall ({cpu.ru_utime + cpu.ru_stime:.1f} s CPU); "
-        f"metrics in {cfg.out / 'eval' / 'metrics.json'}"
-    )
-
-
-# ----------------------------------------------------------------------------------------------
-
-
-def _rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-
-
-def _world() -> int:
-    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-
-
-def _barrier() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
+def _summary(doc: str | None) -> str:
+    """A docstring's first paragraph on one line."""
+    return " ".join((doc or "").strip().split("\n\n")[0].split())
 
 
 if __name__ == "__main__":  # python -m vlm.cli <command> ...
-    commands = {
-        "make-shards": main_make_shards,
-        "precompute-features": main_precompute_features,
-        "train": main_train,
-        "eval": main_eval,
-        "caption": main_caption,
-        "demo": main_demo,
-    }
-    if len(sys.argv) < 2 or sys.argv[1] not in commands:
-        raise SystemExit(f"usage: python -m vlm.cli {{{','.join(commands)}}} [--config file.yaml] [overrides]")
-    commands[sys.argv[1]](sys.argv[2:])
+    main()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -29,8 +28,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from .data.config import SyntheticConfig
-from .data.synthetic import parse_caption
+from .data.synthetic import SyntheticConfig, parse_caption
+from .io import atomic_write
 
 __all__ = [
     "ATTRIBUTES",
@@ -283,13 +282,6 @@ def generate_captions(
     return predictions, references, meta, pixels
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_results(
     path: str | Path,
     predictions: Mapping[str, str],
@@ -300,9 +292,7 @@ def write_results(
     """``{"metrics": ..., "predictions": [{"key", "prediction", "references"}, ...], **extra}`` as JSON."""
     rows = [{"key": k, "prediction": p, "references": list(references.get(k, []))} for k, p in predictions.items()]
     payload = {"metrics": dict(metrics), **dict(extra or {}), "predictions": rows}
-    path = Path(path)
-    _atomic_write_text(path, json.dumps(payload, indent=1, ensure_ascii=False))
-    return path
+    return atomic_write(path, json.dumps(payload, indent=1, ensure_ascii=False))
 
 
 def save_caption_grid(

@@ -1,4 +1,5 @@
-"""Loading the causal LM (dtype, bitsandbytes 4/8-bit), its tokenizer, and wrapping it with peft LoRA."""
+"""The causal LM: loading it (dtype, bitsandbytes 4/8-bit) and its tokenizer, growing its vocabulary,
+wrapping it with peft LoRA."""
 
 from __future__ import annotations
 
@@ -8,7 +9,16 @@ from torch import nn
 from .config import LMConfig, LoRAConfig
 from .registry import lora_targets
 
-__all__ = ["load_language_model", "load_tokenizer", "quantization_config", "apply_lora", "unwrap_lm", "torch_dtype"]
+__all__ = [
+    "load_language_model",
+    "load_tokenizer",
+    "quantization_config",
+    "apply_lora",
+    "unwrap_lm",
+    "torch_dtype",
+    "context_length",
+    "add_token_rows",
+]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -100,3 +110,34 @@ def unwrap_lm(lm: nn.Module) -> nn.Module:
     from peft import PeftModel
 
     return lm.get_base_model() if isinstance(lm, PeftModel) else lm
+
+
+def context_length(config) -> int | None:
+    """The LM's context length from its HF config (None when it names none)."""
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def add_token_rows(lm: nn.Module, vocab_size: int) -> tuple[int, list[int]]:
+    """Grow the LM's embedding (and untied head) to the tokenizer's size; new rows = mean of the old.
+
+    Returns (rows before, ids of the new rows). Mean init keeps the new ``<image>`` row's logit
+    in the range of real tokens; its input row is never used in prefix mode.
+    """
+    embeddings = lm.get_input_embeddings()
+    old = embeddings.num_embeddings
+    if vocab_size <= old:
+        return old, []
+    lm.resize_token_embeddings(vocab_size, mean_resizing=False)
+    with torch.no_grad():
+        inp = lm.get_input_embeddings().weight
+        inp[old:] = inp[:old].float().mean(dim=0).to(inp.dtype)
+        out = lm.get_output_embeddings()
+        if out is not None and out.weight is not inp and out.weight.shape[0] == vocab_size:
+            out.weight[old:] = out.weight[:old].float().mean(dim=0).to(out.weight.dtype)
+            if getattr(out, "bias", None) is not None:
+                out.bias[old:] = out.bias[:old].float().mean().to(out.bias.dtype)
+    return old, list(range(old, vocab_size))

@@ -24,9 +24,10 @@ from resampler.config import load_config
 
 from .config import VLMConfig
 from .gated_xattn import GatedCrossAttention
-from .language import apply_lora, load_language_model, load_tokenizer, unwrap_lm
+from .language import add_token_rows, apply_lora, context_length, load_language_model, load_tokenizer, unwrap_lm
 from .processor import IGNORE_INDEX, VLMProcessor
 from .registry import decoder_layers
+from .training.optim import param_groups
 from .vision import VisionTower, load_open_clip
 
 __all__ = ["VisionLanguageModel", "build_projector"]
@@ -76,9 +77,9 @@ class VisionLanguageModel(nn.Module):
             tokenizer,
             image_token=config.injection.image_token,
             tokens_per_image=config.tokens_per_image,
-            max_length=_context_length(hf_lm.config),
+            max_length=context_length(hf_lm.config),
         )
-        self.base_vocab_size, self.new_token_ids = _add_token_rows(hf_lm, len(tokenizer))
+        self.base_vocab_size, self.new_token_ids = add_token_rows(hf_lm, len(tokenizer))
 
         self.xattn = None
         if config.injection.mode == "cross_attention":
@@ -168,23 +169,10 @@ class VisionLanguageModel(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
     def param_groups(self, lr: float, lora_lr: float | None = None, weight_decay: float = 0.0) -> list[dict]:
-        """Optimizer groups: "connector" (resampler, projection, gates) and "lora" (the LM adapters).
-
-        Weight decay applies to matrices only (not to biases, norms, gates or latents' 1-D params).
-        """
-        groups = {"connector": ([], []), "lora": ([], [])}
-        for name, param in self.named_parameters():
-            if not param.requires_grad:
-                continue
-            group = groups["lora" if name.startswith("lm.") else "connector"]
-            group[0 if param.dim() >= 2 else 1].append(param)
-        out = []
-        for name, (decay, no_decay) in groups.items():
-            group_lr = lr if name == "connector" or lora_lr is None else lora_lr
-            for params, wd, suffix in ((decay, weight_decay, ""), (no_decay, 0.0, "_no_decay")):
-                if params:
-                    out.append({"params": params, "lr": group_lr, "weight_decay": wd, "name": name + suffix})
-        return out
+        """Optimizer groups by the trainer's rule (`vlm.training.optim.param_groups`): "connector"
+        (resampler, projection, gates) at ``lr`` and "lora" (the LM adapters) at ``lora_lr``; no weight
+        decay on biases, norms, gates, latents, position/time embeddings or token-embedding rows."""
+        return param_groups(self, lr, lora_lr, weight_decay)
 
     # ----------------------------------------------------------------------------- images
 
@@ -427,33 +415,3 @@ class VisionLanguageModel(nn.Module):
             preprocess=preprocess,
             trust_remote_code=trust_remote_code,
         )
-
-
-def _context_length(config) -> int | None:
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
-def _add_token_rows(lm: nn.Module, vocab_size: int) -> tuple[int, list[int]]:
-    """Grow the LM's embedding (and untied head) to the tokenizer's size; new rows = mean of the old.
-
-    Returns (rows before, ids of the new rows). Mean init keeps the new ``<image>`` row's logit
-    in the range of real tokens; its input row is never used in prefix mode.
-    """
-    embeddings = lm.get_input_embeddings()
-    old = embeddings.num_embeddings
-    if vocab_size <= old:
-        return old, []
-    lm.resize_token_embeddings(vocab_size, mean_resizing=False)
-    with torch.no_grad():
-        inp = lm.get_input_embeddings().weight
-        inp[old:] = inp[:old].float().mean(dim=0).to(inp.dtype)
-        out = lm.get_output_embeddings()
-        if out is not None and out.weight is not inp and out.weight.shape[0] == vocab_size:
-            out.weight[old:] = out.weight[:old].float().mean(dim=0).to(out.weight.dtype)
-            if getattr(out, "bias", None) is not None:
-                out.bias[old:] = out.bias[:old].float().mean().to(out.bias.dtype)
-    return old, list(range(old, vocab_size))

@@ -17,6 +17,9 @@ from typing import Any
 
 import torch
 
+from .backbones import build_caption_tokenizer
+from .io import atomic_write
+
 __all__ = [
     "TINY_CLIP_NAME",
     "TINY_FAMILIES",
@@ -82,10 +85,7 @@ def register_tiny_clip() -> str:
         return TINY_CLIP_NAME
     folder = Path(tempfile.gettempdir()) / "perceiver_vlm_open_clip"
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{TINY_CLIP_NAME}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(_TINY_CLIP_CONFIG))
-    tmp.replace(path)
+    path = atomic_write(folder / f"{TINY_CLIP_NAME}.json", json.dumps(_TINY_CLIP_CONFIG))
     open_clip.add_model_config(path)
     return TINY_CLIP_NAME
 
@@ -102,20 +102,7 @@ def tiny_clip(seed: int = 0, pretrained: str | None = None):
 
 def tiny_tokenizer():
     """A byte-level BPE with <pad>, <bos>, <eos>, wrapped as a transformers fast tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320,
-        special_tokens=["<pad>", "<bos>", "<eos>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(_CORPUS, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>")
+    return build_caption_tokenizer(_CORPUS, vocab_size=320)
 
 
 def tiny_lm_config(model_type: str, tokenizer=None, **overrides):

@@ -1,10 +1,19 @@
 """Data for captioning adapters: webdataset shards, the reader, the synthetic world, the feature cache."""
 
-from .config import DataConfig, SyntheticConfig
+from .config import DataConfig
+from .decode import BadSample, build_transform, decode_image
 from .features import check_feature_cache, precompute_features
-from .reader import BadSample, CaptionBatch, CaptionDataset, CaptionLoader, build_transform, decode_image
+from .reader import CaptionBatch, CaptionDataset, CaptionLoader
 from .shards import ShardSummary, resolve_shards, shards_from_folder, shards_from_img2dataset, write_samples
-from .synthetic import Scene, SceneObject, caption_vocabulary, generate_scene, parse_caption, write_synthetic_shards
+from .synthetic import (
+    Scene,
+    SceneObject,
+    SyntheticConfig,
+    caption_vocabulary,
+    generate_scene,
+    parse_caption,
+    write_synthetic_shards,
+)
 
 __all__ = [
     "DataConfig",

@@ -22,8 +22,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..io import atomic_write
 from .config import DataConfig
-from .reader import FEATURES_EXT, CaptionLoader
+from .decode import FEATURES_EXT
+from .reader import CaptionLoader
 from .shards import IMAGE_EXTENSIONS, ShardSummary, write_samples
 
 __all__ = ["precompute_features", "check_feature_cache", "encode_features"]
@@ -92,8 +94,7 @@ def precompute_features(
         "converted": dict(loader.converted),
         **asdict(summary),
     }
-    with open(Path(out_dir) / f"{prefix}-features.json", "w", encoding="utf-8") as fh:
-        json.dump(info, fh, indent=1)
+    atomic_write(Path(out_dir) / f"{prefix}-features.json", json.dumps(info, indent=1))
     log.info("cached %s features of %d samples into %s", shape, summary.num_samples, out_dir)
     return summary
 

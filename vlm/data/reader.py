@@ -1,4 +1,4 @@
-"""Reading caption shards: webdataset tar parsing, shuffling, node/worker splitting, decoding, batching.
+"""Reading caption shards: tar parsing, shuffling, node/worker splitting, decoding (`vlm.data.decode`), batching.
 
 ``CaptionLoader(shards, config, transform=..., text=processor)`` yields `CaptionBatch` dicts ready for
 ``model(**batch)``: ``images`` (B, 3, H, W) — or ``image_features`` (B, P, D) from a feature cache —
@@ -21,48 +21,28 @@ logged at the end of every pass.
 
 from __future__ import annotations
 
-import io
-import json
 import logging
 import os
 import random
-import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import webdataset as wds
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch import Tensor
 
+from .. import distributed
 from ..processor import IGNORE_INDEX
 from .config import DataConfig
+from .decode import FEATURES_EXT, BadSample, build_transform, decode_image, read_captions, read_features
 from .shards import IMAGE_EXTENSIONS, resolve_shards
 
-__all__ = [
-    "BadSample",
-    "CaptionBatch",
-    "CaptionDataset",
-    "CaptionLoader",
-    "build_transform",
-    "decode_image",
-    "read_captions",
-    "FEATURES_EXT",
-]
+__all__ = ["CaptionBatch", "CaptionDataset", "CaptionLoader"]
 
 log = logging.getLogger(__name__)
-FEATURES_EXT = "features.npy"
-
-
-class BadSample(Exception):
-    """A sample that cannot be used; ``reason`` is the counter key."""
-
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
 
 
 class CaptionBatch(dict):
@@ -75,101 +55,6 @@ class CaptionBatch(dict):
     pixels: np.ndarray | None  # (B, H, W, 3) uint8 when the loader keeps them (for sample grids)
     raw: list[dict[str, bytes]] | None  # the stored tar members per sample, with keep_raw
     stats: tuple[int, dict[str, int], dict[str, int]] | None  # (worker, skipped, converted) so far
-
-
-# ----------------------------------------------------------------------------------------------
-# Decoding one sample
-
-
-def build_transform(config: DataConfig) -> Callable[[Image.Image], Tensor]:
-    """open_clip's eval preprocess at ``config.image_size`` (or a plain resize + [0, 1] tensor)."""
-    if config.preprocess == "open_clip":
-        import open_clip
-
-        return open_clip.image_transform(
-            config.image_size, is_train=False, mean=config.image_mean, std=config.image_std
-        )
-    from torchvision import transforms
-
-    return transforms.Compose([transforms.Resize((config.image_size, config.image_size)), transforms.ToTensor()])
-
-
-def _to_rgb(image: Image.Image) -> tuple[Image.Image, str | None]:
-    """Any PIL mode -> RGB; returns the original mode when a conversion happened."""
-    mode = image.mode
-    if mode == "RGB":
-        return image, None
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        pixels = np.asarray(image, dtype=np.float64)
-        if mode == "F":
-            scale = 255.0 if pixels.max(initial=0.0) <= 1.0 else 1.0
-        else:
-            scale = 255.0 / 65535.0  # 16-bit range -> 8 bits (a plain convert would clip at 255)
-        gray = np.clip(pixels * scale, 0, 255).round().astype(np.uint8)
-        return Image.fromarray(np.stack([gray] * 3, axis=-1)), mode
-    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        canvas = Image.new("RGB", rgba.size, (255, 255, 255))  # transparent pixels become white
-        canvas.paste(rgba, mask=rgba.getchannel("A"))
-        return canvas, mode
-    return image.convert("RGB"), mode
-
-
-def decode_image(data: bytes, max_pixels: int) -> tuple[Image.Image, str | None]:
-    """Encoded image bytes -> (RGB PIL image, original mode if converted). Raises `BadSample`."""
-    if not data:
-        raise BadSample("empty_image")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            if width * height > max_pixels:
-                raise BadSample("decompression_bomb", f"{width}x{height} > {max_pixels} pixels")
-            image.load()
-    except BadSample:
-        raise
-    except Image.DecompressionBombError as err:
-        raise BadSample("decompression_bomb", str(err)) from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as err:
-        reason = "truncated_image" if "truncated" in str(err).lower() else "corrupt_image"
-        raise BadSample(reason, str(err)) from None
-    return _to_rgb(image)
-
-
-def read_captions(sample: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
-    """Captions (``json`` ``captions``/``caption``, else ``txt`` lines) and the JSON metadata."""
-    meta: dict[str, Any] = {}
-    captions: list[str] = []
-    try:
-        if "json" in sample:
-            meta = json.loads(sample["json"].decode("utf-8"))
-            if not isinstance(meta, dict):
-                raise BadSample("bad_json", "the json member must hold an object")
-            found = meta.get("captions", meta.get("caption"))
-            captions = [found] if isinstance(found, str) else list(found or [])
-        if not captions and "txt" in sample:
-            captions = sample["txt"].decode("utf-8").splitlines()
-    except UnicodeDecodeError as err:
-        raise BadSample("bad_caption_encoding", str(err)) from None
-    except json.JSONDecodeError as err:
-        raise BadSample("bad_json", str(err)) from None
-    if "json" not in sample and "txt" not in sample:
-        raise BadSample("missing_caption")
-    captions = [c.strip() for c in captions if isinstance(c, str) and c.strip()]
-    if not captions:
-        raise BadSample("empty_caption")
-    return captions, meta
-
-
-def _read_features(data: bytes) -> Tensor:
-    try:
-        array = np.load(io.BytesIO(data), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as err:
-        raise BadSample("corrupt_features", str(err)) from None
-    if array.ndim != 2:
-        raise BadSample("corrupt_features", f"expected (P, D) features, got shape {array.shape}")
-    return torch.from_numpy(array.astype(np.float32))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -205,12 +90,6 @@ def _pad_text(text: Any, examples: list[dict[str, list[int]]]) -> dict[str, Tens
 
 # ----------------------------------------------------------------------------------------------
 # The dataset
-
-
-def _distributed_info() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _seed(*parts: int) -> int:
@@ -262,12 +141,12 @@ class CaptionDataset(torch.utils.data.IterableDataset):
     def _slot(self) -> tuple[int, int, int]:
         """(this reader's index, number of readers, worker id) over all ranks and DataLoader workers."""
         # DataLoader workers may be spawned (no process group there): prefer what the loader saw in the main process.
-        rank, world = self._main_process_rank or _distributed_info()
-        rank = rank if self.rank is None else self.rank
+        here, world = self._main_process_rank or (distributed.rank(), distributed.world_size())
+        here = here if self.rank is None else self.rank
         world = world if self.world_size is None else self.world_size
         info = torch.utils.data.get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
-        return rank * workers + worker, world * workers, worker
+        return here * workers + worker, world * workers, worker
 
     def _shard_stream(self, slot: int, slots: int, rng: random.Random) -> tuple[Iterator[dict[str, str]], bool]:
         """Shard urls this reader opens, and whether samples still need splitting between readers."""
@@ -339,7 +218,7 @@ class CaptionDataset(torch.utils.data.IterableDataset):
         if cfg.use_cached_features:
             if FEATURES_EXT not in sample:
                 raise BadSample("missing_features", "this shard has no cached features (see vlm.data.features)")
-            item["image_features"] = _read_features(sample[FEATURES_EXT])
+            item["image_features"] = read_features(sample[FEATURES_EXT])
         if image_ext is None and (not cfg.use_cached_features or self.keep_pixels):
             raise BadSample("missing_image")
         if not cfg.use_cached_features or self.keep_pixels:
@@ -416,7 +295,7 @@ class CaptionLoader:
 
     def __iter__(self) -> Iterator[CaptionBatch]:
         workers = self.config.num_workers
-        self.dataset._main_process_rank = _distributed_info()
+        self.dataset._main_process_rank = (distributed.rank(), distributed.world_size())
         loader = torch.utils.data.DataLoader(
             self.dataset,
             batch_size=None,

@@ -2,9 +2,9 @@
 img2dataset layout (``key.jpg`` + ``key.txt``/``key.json``).
 
 A sample is one image (``jpg``/``png``/... bytes, stored as-is) plus ``json`` = ``{"captions": [...],
-...}`` with one or more captions. Shards are written under a temporary name and renamed when complete,
-so a reader never sees a half-written shard. Each call also writes ``{prefix}-index.json`` listing the
-shards and their sample counts.
+...}`` with one or more captions. Every shard is written with `vlm.io.AtomicFile` (a hidden temporary,
+renamed when complete), so a reader never sees a half-written shard. Each call also writes
+``{prefix}-index.json`` listing the shards and their sample counts.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from typing import Any
 
 import webdataset as wds
 from webdataset.shardlists import expand_urls
+
+from ..io import AtomicFile, atomic_write
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -70,17 +72,16 @@ def write_samples(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    open_files: dict[str, Any] = {}
+    pending: dict[str, AtomicFile] = {}
     finished: list[str] = []
     counts: list[int] = []
 
     def opener(fname: str):
-        open_files[fname] = open(fname + ".tmp", "wb")  # noqa: SIM115 - closed in `publish`
-        return open_files[fname]
+        pending[fname] = AtomicFile(fname)
+        return pending[fname].file
 
     def publish(fname: str) -> None:
-        open_files.pop(fname).close()
-        os.replace(fname + ".tmp", fname)
+        pending.pop(fname).commit()
         finished.append(fname)
         counts.append(sink.count)
 
@@ -110,14 +111,12 @@ def write_samples(
         if sink.tarstream is not None:
             sink.tarstream.close()  # finish the tar stream so it never writes to the closed file later
             sink.tarstream = None
-        for fname, fh in open_files.items():  # never publish a partial shard
-            fh.close()
-            Path(fname + ".tmp").unlink(missing_ok=True)
+        for handle in pending.values():  # never publish a partial shard
+            handle.abort()
         raise
     sink.close()
     summary = ShardSummary([str(f) for f in finished], written, counts, dict(skipped or {}))
-    with open(out_dir / f"{prefix}-index.json", "w", encoding="utf-8") as fh:
-        json.dump(asdict(summary), fh, indent=1)
+    atomic_write(out_dir / f"{prefix}-index.json", json.dumps(asdict(summary), indent=1))
     log.info(
         "wrote %d samples to %d shards under %s (skipped: %s)", written, len(finished), out_dir, dict(skipped or {})
     )

@@ -2,30 +2,35 @@
 
 Every command (``pvlm-train``, ``pvlm-eval``, ``pvlm-caption``, ``pvlm-make-shards``,
 ``pvlm-precompute-features``, ``pvlm-demo``) reads a ``RunConfig`` YAML plus ``section.field=value``
-overrides (``resampler.config.parse_cli``); each command uses the sections it needs.
+overrides (``resampler.config.parse_cli``); each command reads the sections its ``--help`` lists.
+Each part's section is defined beside the part; the three that belong to no part are defined here.
 
-    model:      VLMConfig        the vision tower, resampler, projector, LM, LoRA, injection
-    data:       DataConfig       shard specs, batch size, workers, shuffling, cached features
-    train:      TrainConfig      optimisation, precision, checkpoints, logging
-    eval:       EvalConfig       which splits, generation settings, the no-image ablation
-    standin:    StandInConfig    the embedded default's self-trained backbones (off by default)
-    synthetic:  SyntheticConfig  the synthetic world (written when ``make_synthetic`` is true)
-    shards:     ShardsConfig     ``pvlm-make-shards`` input and output
-    features:   FeaturesConfig   ``pvlm-precompute-features`` output
+    model:      VLMConfig        vlm.config              the vision tower, resampler, projector, LM, LoRA, injection
+    data:       DataConfig       vlm.data.config         shard specs, batch size, workers, shuffling, cached features
+    train:      TrainConfig      vlm.training.config     optimisation, precision, checkpoints, logging
+    standin:    StandInConfig    vlm.backbones           the embedded default's self-trained backbones (off by default)
+    synthetic:  SyntheticConfig  vlm.data.synthetic      the synthetic world (written when ``make_synthetic`` is true)
+    eval:       EvalConfig       here                    which splits, generation settings, the no-image ablation
+    shards:     ShardsConfig     here                    ``pvlm-make-shards`` input and output
+    features:   FeaturesConfig   here                    ``pvlm-precompute-features`` output
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Literal
 
-from .backbones import StandInConfig
-from .config import VLMConfig
-from .data.config import DataConfig, SyntheticConfig
-from .train import TrainConfig
+from ..backbones import StandInConfig
+from ..config import VLMConfig
+from ..data.config import DataConfig
+from ..data.synthetic import SyntheticConfig
+from ..training.config import TrainConfig
 
-__all__ = ["EvalConfig", "ShardsConfig", "FeaturesConfig", "RunConfig"]
+__all__ = ["EvalConfig", "ShardsConfig", "FeaturesConfig", "RunConfig", "default_config_file"]
 
 
 @dataclass
@@ -37,7 +42,7 @@ class EvalConfig:
     batch_size: int = 64
     max_new_tokens: int = 48
     num_beams: int = 1
-    ablation: bool = True  # also caption with the image input replaced by the split's mean features
+    ablation: bool = True  # also caption each image with the image input removed (the prompt alone)
     print_samples: int = 4
     grid_samples: int = 16  # images in the PNG grid of generated vs reference captions (0: none)
     metrics_tokenizer: Literal["auto", "ptb", "simple"] = "auto"  # auto: PTB (Java) when present
@@ -96,8 +101,8 @@ class RunConfig:
     make_synthetic: bool = False  # write the synthetic world to <output_dir>/data first (if not there yet)
     output_dir: str = "runs/default"
     seed: int = 0
-    # torch CPU threads for this run; 0 keeps torch's default. Tiny models train no slower on one thread,
-    # and on a shared machine two contending threads ran a tiny VLM step ~50x slower than one.
+    # torch CPU threads for this run; 0 keeps torch's default. Tiny models gain nothing from more threads,
+    # and threads contending for shared cores slow every step down.
     threads: int = 0
 
     def __post_init__(self) -> None:
@@ -121,3 +126,11 @@ class RunConfig:
     @property
     def standin_dir(self) -> Path:
         return Path(self.standin.dir) if self.standin.dir else self.out / "backbones"
+
+
+@contextmanager
+def default_config_file() -> Iterator[Path]:
+    """The embedded default's YAML (``pvlm-demo``'s default ``--config``), shipped inside the package as
+    ``vlm/configs/default.yaml``: found through importlib.resources, wherever vlm is installed."""
+    with resources.as_file(resources.files("vlm") / "configs" / "default.yaml") as path:
+        yield path

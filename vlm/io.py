@@ -1,0 +1,122 @@
+"""Atomic writes: a file or directory appears complete under its final name, or not at all.
+
+Every writer in vlm (adapter and training checkpoints, shards, feature indexes, evaluation results,
+stand-in backbones) goes through these helpers. The mechanism is always the same: write under a
+hidden temporary name in the destination's own directory (so the rename never crosses a file
+system), flush and ``fsync`` the data, ``os.replace`` it onto the final name, ``fsync`` the parent
+directory so the rename itself is durable. Any error removes the temporary; a process killed
+mid-write leaves only a ``.tmp_*`` entry that no reader looks at.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+__all__ = ["AtomicFile", "atomic_write", "atomic_directory", "TEMP_PREFIX"]
+
+TEMP_PREFIX = ".tmp_"  # temporaries are hidden and never match a reader's glob (step_*, *.tar, *.json)
+
+
+def _temp_beside(final: Path) -> Path:
+    """A fresh hidden name in ``final``'s directory (created with the usual permissions, not mkstemp's 0600)."""
+    return final.with_name(f"{TEMP_PREFIX}{final.name}_{os.getpid()}_{secrets.token_hex(4)}")
+
+
+def _fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class AtomicFile:
+    """A temporary file beside ``path`` that becomes ``path`` on `commit` and vanishes on `abort`.
+
+    As a context manager it yields the open file, commits on success and aborts on any exception.
+    Used directly (``handle.file``, ``commit()``, ``abort()``) it serves writers that hand a file to a
+    library and learn later whether it completed (webdataset's ``ShardWriter``).
+    """
+
+    def __init__(self, path: str | Path, mode: str = "wb", encoding: str | None = None) -> None:
+        if mode not in ("w", "wb"):
+            raise ValueError(f"AtomicFile writes a new file: mode must be 'w' or 'wb', got {mode!r}")
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = _temp_beside(self.path)
+        fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        self.file: IO[Any] = os.fdopen(fd, mode, encoding=encoding if "b" not in mode else None)
+
+    def commit(self) -> Path:
+        try:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+            os.replace(self.tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
+        _fsync_directory(self.path.parent)
+        return self.path
+
+    def abort(self) -> None:
+        self.file.close()
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> IO[Any]:
+        return self.file
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+
+def atomic_write(path: str | Path, data: str | bytes) -> Path:
+    """Write ``data`` (text as UTF-8, or bytes) to ``path`` atomically."""
+    if isinstance(data, str):
+        with AtomicFile(path, "w", encoding="utf-8") as fh:
+            fh.write(data)
+    else:
+        with AtomicFile(path, "wb") as fh:
+            fh.write(data)
+    return Path(path)
+
+
+@contextmanager
+def atomic_directory(path: str | Path) -> Iterator[Path]:
+    """Yield an empty temporary directory that replaces ``path`` when the block succeeds.
+
+    Every file in it is fsynced before the rename. An existing ``path`` is moved aside first
+    (``os.replace`` cannot overwrite a non-empty directory) and deleted after; on any error the
+    temporary is deleted and ``path`` is left as it was.
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp, old = _temp_beside(final), None
+    tmp.mkdir()
+    try:
+        yield tmp
+        for item in sorted(tmp.rglob("*")):
+            if item.is_file():
+                with open(item, "rb") as fh:
+                    os.fsync(fh.fileno())
+        if final.exists():
+            old = _temp_beside(final)
+            os.replace(final, old)
+        os.replace(tmp, final)
+    except BaseException:
+        if old is not None and not final.exists():
+            os.replace(old, final)  # put the previous version back
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_directory(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

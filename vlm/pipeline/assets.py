@@ -1,0 +1,168 @@
+"""What a run makes before it trains: shards, the synthetic world, the stand-in backbones, the feature cache.
+
+Each step makes its output once and reuses it on the next run (a marker or index file says it is
+complete); rank 0 does the work while the other ranks wait at a barrier. `prepare` runs the steps a
+config asks for and returns the config with the resulting paths filled in; `split_spec` says which
+shards a split is read from.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+
+import torch
+
+from resampler.config import to_dict
+
+from ..backbones import ensure_standin_backbones
+from ..data.features import precompute_features
+from ..data.reader import CaptionLoader
+from ..data.shards import ShardSummary, shards_from_folder, shards_from_img2dataset
+from ..data.synthetic import write_synthetic_shards
+from ..distributed import barrier, print0, rank
+from ..io import atomic_write
+from ..vision import VisionTower, load_open_clip
+from .config import RunConfig
+
+__all__ = [
+    "prepare",
+    "make_shards",
+    "make_synthetic_world",
+    "ensure_standins",
+    "ensure_feature_cache",
+    "split_spec",
+]
+
+_DONE = ".complete"
+
+
+def prepare(cfg: RunConfig, *, features: bool = True) -> RunConfig:
+    """Make what the config asks for and is not there yet: the synthetic world, the stand-in
+    backbones, the feature cache. Returns the config with the resulting paths filled in."""
+    if cfg.make_synthetic:
+        cfg = make_synthetic_world(cfg)
+    if cfg.standin.enabled:
+        cfg = ensure_standins(cfg)
+    if features and cfg.data.use_cached_features and cfg.features.splits:
+        ensure_feature_cache(cfg)
+    return cfg
+
+
+def make_shards(cfg: RunConfig) -> ShardSummary | None:
+    """``shards.source``: the synthetic world, a folder + captions file, or img2dataset output -> shards."""
+    src = cfg.shards
+    if src.source == "synthetic":
+        make_synthetic_world(replace(cfg, make_synthetic=True))
+        return None
+    if not src.input_dir:
+        raise ValueError(f"shards.source={src.source!r} needs shards.input_dir")
+    if src.source == "folder":
+        if not src.captions_file:
+            raise ValueError("shards.source='folder' needs shards.captions_file (CSV or JSONL)")
+        summary = shards_from_folder(src.input_dir, src.captions_file, cfg.data_dir, src.prefix, src.samples_per_shard)
+    else:
+        summary = shards_from_img2dataset(src.input_dir, cfg.data_dir, src.prefix, src.samples_per_shard)
+    n = len(summary.shards)
+    print0(f"wrote {summary.num_samples} samples to {n} shards in {cfg.data_dir}; skipped {summary.skipped}")
+    return summary
+
+
+def make_synthetic_world(cfg: RunConfig) -> RunConfig:
+    """Write the synthetic world's splits to ``data_dir`` once (a marker file says it is complete)."""
+    out = cfg.data_dir
+    marker = out / _DONE
+    record = json.dumps(to_dict(cfg.synthetic), sort_keys=True)
+    if not (marker.is_file() and marker.read_text() == record):
+        if rank() == 0:
+            start = time.perf_counter()
+            sizes = cfg.synthetic.split_sizes
+            print0(f"synthetic world: writing {sizes} images of {cfg.synthetic.image_size} px to {out}")
+            write_synthetic_shards(cfg.synthetic, out)
+            atomic_write(marker, record)
+            print0(f"synthetic world: done in {time.perf_counter() - start:.1f} s")
+        barrier()
+    data = cfg.data
+    data = replace(
+        data,
+        train_shards=data.train_shards or str(out / "train-*.tar"),
+        val_shards=data.val_shards or str(out / "val-*.tar"),
+        test_shards=data.test_shards or str(out / "test-*.tar"),
+    )
+    return replace(cfg, data=data)
+
+
+def ensure_standins(cfg: RunConfig) -> RunConfig:
+    """Train (rank 0) or reuse the stand-in backbones and point ``model.vision``/``model.lm`` at them."""
+    if rank() == 0:
+        paths = ensure_standin_backbones(cfg.standin, cfg.standin_dir, lambda: _standin_pairs(cfg), log=print0)
+    barrier()
+    if rank() != 0:
+        paths = ensure_standin_backbones(cfg.standin, cfg.standin_dir, lambda: _standin_pairs(cfg), log=lambda m: None)
+    model = cfg.model
+    model = replace(
+        model,
+        vision=replace(model.vision, name=paths["vision_name"], pretrained=paths["vision_pretrained"]),
+        lm=replace(model.lm, name_or_path=paths["lm_dir"]),
+    )
+    return replace(cfg, model=model)
+
+
+def _standin_pairs(cfg: RunConfig) -> tuple[torch.Tensor, list[list[str]]]:
+    """The training split in memory: preprocessed images (N, 3, H, W) and every caption of each."""
+    import open_clip
+
+    if not cfg.data.train_shards:
+        raise ValueError("standin.enabled needs training shards: set data.train_shards or make_synthetic: true")
+    size = cfg.standin.vision.image_size
+    read = replace(cfg.data, use_cached_features=False, batch_size=512, num_workers=0, image_size=size)
+    loader = CaptionLoader(cfg.data.train_shards, read, transform=open_clip.image_transform(size, False), train=False)
+    images, captions = [], []
+    for batch in loader:
+        images.append(batch["images"])
+        captions += batch.references
+    return torch.cat(images), captions
+
+
+def ensure_feature_cache(cfg: RunConfig) -> None:
+    """Encode each split in ``features.splits`` once with the frozen tower (rank 0; others wait)."""
+    todo = [s for s in cfg.features.splits if not (cfg.features_dir / f"{s}-features.json").is_file()]
+    if todo and rank() == 0:
+        vision_model, preprocess = load_open_clip(cfg.model.vision)
+        tower = VisionTower(vision_model, cfg.model.vision, preprocess)
+        read = replace(cfg.data, batch_size=cfg.features.batch_size, use_cached_features=False)
+        for split in todo:
+            source = _raw_split_spec(cfg, split)
+            start = time.perf_counter()
+            summary = precompute_features(
+                source,
+                cfg.features_dir,
+                tower,
+                read,
+                prefix=split,
+                transform=preprocess,
+                description={"name": cfg.model.vision.name, "pretrained": cfg.model.vision.pretrained,
+                             "layer": cfg.model.vision.layer, "keep_cls": cfg.model.vision.keep_cls},
+            )  # fmt: skip
+            seconds = time.perf_counter() - start
+            print0(f"feature cache: {split}: {summary.num_samples} images in {seconds:.1f} s -> {cfg.features_dir}")
+    barrier()
+
+
+def _raw_split_spec(cfg: RunConfig, split: str) -> str:
+    spec = {"train": cfg.data.train_shards, "val": cfg.data.val_shards, "test": cfg.data.test_shards}.get(split)
+    if spec:
+        return spec
+    guess = cfg.data_dir / f"{split}-*.tar"
+    if list(guess.parent.glob(guess.name)):
+        return str(guess)
+    raise ValueError(f"no shards for split {split!r}: set data.{split}_shards (known splits: train, val, test)")
+
+
+def split_spec(cfg: RunConfig, split: str) -> str:
+    """The shards a split is read from: the feature cache when ``data.use_cached_features`` and the
+    split was cached, else the raw shards."""
+    if cfg.data.use_cached_features and split in cfg.features.splits:
+        return str(cfg.features_dir / f"{split}-*.tar")
+    return _raw_split_spec(cfg, split)
