@@ -213,6 +213,14 @@ def test_a_malicious_pickle_in_a_training_checkpoint_never_runs(tmp_path, victim
     with open(ckpt / victim, "wb") as fh:
         pickle.dump({"optimizer": _Payload(marker)}, fh, protocol=2)
     model, loader = make()
+    with pytest.raises(ValueError, match=f"{victim} is \\d+ bytes, its record says"), pytest.warns(RuntimeWarning):
+        train(model, loader, quiet(max_steps=4), tmp_path / "run")  # refused by its digest before any unpickling
+    assert not marker.exists()
+    from vlm.integrity import digest  # a stranger who also rewrote the digest: weights_only=True still refuses
+
+    state = json.loads((ckpt / "state.json").read_text())
+    state["files"][victim] = digest((ckpt / victim).read_bytes())
+    (ckpt / "state.json").write_text(json.dumps(state))
     with pytest.raises(pickle.UnpicklingError):
         train(model, loader, quiet(max_steps=4), tmp_path / "run")
     assert not marker.exists()

@@ -6,6 +6,7 @@ config fields: they are read from the models when the VLM is built and checked t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -24,7 +25,11 @@ __all__ = [
 
 def _positive(owner: str, **values: int | float | None) -> None:
     for name, value in values.items():
-        if value is not None and (isinstance(value, bool) or value <= 0):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not math.isfinite(value):
+            raise ValueError(f"{owner}.{name} must be a finite number, got {value!r}")
+        if value <= 0:
             raise ValueError(f"{owner}.{name} must be positive, got {value!r}")
 
 

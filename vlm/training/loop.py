@@ -3,7 +3,10 @@
 ``train(model, loader, config, output_dir)`` runs AdamW over `vlm.training.optim.param_groups`
 (separate learning rates for the connector and for LoRA) with the warmup-cosine schedule, gradient
 accumulation, clipping, an fp32/bf16/fp16 autocast choice, atomic checkpoints every N steps
-(`vlm.training.state`) and a resume that continues the same run bit for bit. Metrics go to
+(`vlm.training.state`) and a resume from the newest verified checkpoint that continues the same run
+bit for bit. A step is skipped and counted when its loss or gradient is non-finite, or when the
+update itself left a parameter non-finite (`vlm.training.guard` rolls it back); ``train.max_bad_steps``
+of them in a row stop the run with a checkpoint of the last good (finite) state, which prunes nothing. Metrics go to
 ``metrics.csv`` and TensorBoard, and a loss-curve PNG is drawn at the end (`vlm.training.metrics`).
 
 The model is anything whose ``model(**batch)`` returns an object with ``.loss``; its trainable
@@ -25,12 +28,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..distributed import any_rank, average_gradients, broadcast_parameters, mean_over_ranks, rank, world_size
+from ..distributed import any_rank, average_gradients, broadcast_parameters, mean_over_ranks, print0, rank, world_size
 from .batches import BatchStream
-from .config import TrainConfig, TrainResult
+from .config import TrainConfig, TrainResult, resolve_device
+from .guard import StepGuard
 from .metrics import MetricLogger, progress_bar
 from .optim import build_optimizer, warmup_cosine
-from .state import CHECKPOINT_DIR, latest_checkpoint, load_checkpoint, save_checkpoint, set_seed
+from .state import CHECKPOINT_DIR, find_checkpoint, load_checkpoint, save_checkpoint, set_seed
 
 __all__ = ["train", "enable_gradient_checkpointing"]
 
@@ -60,11 +64,14 @@ def train(
     """
     out = Path(output_dir)
     main, world = rank() == 0, world_size()
-    device = _model_device(model)
+    device = resolve_device(config.device, _model_device(model))
     set_seed(seed + rank())
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
     if not trainable:
         raise ValueError("train: the model has no parameter with requires_grad=True; nothing to train")
+    if any(p.device != device for p in trainable.values()):
+        model.to(device)  # train.device is honoured: the model trains where the config says
+        trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     broadcast_parameters(trainable.values())
@@ -75,9 +82,11 @@ def train(
     stream = BatchStream(loader)
 
     start_step = 0
-    ckpt = latest_checkpoint(out) if config.resume else None
+    ckpt = find_checkpoint(out) if config.resume else None
     if ckpt is not None:
         start_step = load_checkpoint(ckpt, trainable, optimizer, scheduler, scaler, stream)
+        print0(f"train: resuming from {ckpt.path} (step {start_step} of {config.max_steps})")
+    guard = StepGuard(trainable.values(), optimizer)
     if main:
         out.mkdir(parents=True, exist_ok=True)
     logger = MetricLogger(out, start_step, config, enabled=main)
@@ -102,26 +111,34 @@ def train(
             step_loss += loss.item() / config.grad_accum_steps
             samples += _batch_size(batch)
         skip, grad_norm = any_rank(bad), math.nan
+        why = "non-finite loss or gradient"
         if not skip:
             average_gradients(trainable.values())
             scaler.unscale_(optimizer)
             grad_norm = _clip(trainable.values(), config.max_grad_norm)
             skip = not math.isfinite(grad_norm) and not scaler.is_enabled()  # fp16: the scaler skips, rescales
+        if not skip:
+            guard.snapshot()
+            scaler.step(optimizer)
+            scaler.update()
+            if any_rank(not guard.finite()):
+                guard.restore()
+                skip, why = True, "the update made a parameter non-finite (rolled back)"
         if skip:
             optimizer.zero_grad(set_to_none=True)
             skipped, bad_in_row = skipped + 1, bad_in_row + 1
-            _warn(f"train: skipped step {step + 1}: non-finite loss or gradient ({bad_in_row} in a row)")
+            _warn(f"train: skipped step {step + 1}: {why} ({bad_in_row} in a row)")
             if bad_in_row >= config.max_bad_steps:
-                path = save_checkpoint(out, step, trainable, optimizer, scheduler, scaler, stream, config, run_config)
+                path = save_checkpoint(
+                    out, step, trainable, optimizer, scheduler, scaler, stream, config, run_config, prune=False
+                )
                 raise FloatingPointError(
-                    f"train: {bad_in_row} optimizer steps in a row had a non-finite loss or gradient "
-                    f"(train.max_bad_steps={config.max_bad_steps}); stopped after step {step}. The last good state "
+                    f"train: {bad_in_row} optimizer steps in a row were skipped ({why}; "
+                    f"train.max_bad_steps={config.max_bad_steps}); stopped after step {step}. The last good state "
                     f"is saved in {path or out / CHECKPOINT_DIR}. Lower train.lr, check the data, or use fp32."
                 )
             continue
         bad_in_row = 0
-        scaler.step(optimizer)
-        scaler.update()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         step += 1
