@@ -84,16 +84,22 @@ def test_an_adapter_for_another_vision_tower_is_refused(saved, tmp_path):
 
 
 @pytest.mark.parametrize("keep", [0, 8, 100, 0.5, -1])
-def test_a_truncated_safetensors_file_is_a_clear_error(saved, tmp_path, keep):
+@pytest.mark.parametrize("recorded", [True, False])
+def test_a_truncated_safetensors_file_is_a_clear_error(saved, tmp_path, keep, recorded):
     _, directory = saved
     copy = shutil.copytree(directory, tmp_path / "adapter")
     weights = copy / "adapter.safetensors"
     data = weights.read_bytes()
     cut = int(len(data) * keep) if isinstance(keep, float) else keep % len(data)
     weights.write_bytes(data[:cut])
+    if not recorded:  # an adapter saved before digests were recorded: the parser is what refuses it
+        manifest = json.loads((copy / "manifest.json").read_text())
+        del manifest["files"]
+        (copy / "manifest.json").write_text(json.dumps(manifest))
     lm = tiny_lm("llama", tiny_tokenizer())
     before = _fingerprint(lm)
-    with pytest.raises(ValueError, match=r"adapter.safetensors is truncated or corrupt.*nothing was loaded"):
+    pattern = r"is \d+ bytes, its record says \d+: cut or replaced" if recorded else r"is truncated or corrupt"
+    with pytest.raises(ValueError, match=rf"adapter.safetensors {pattern}.*nothing was loaded"):
         _load(copy, lm)
     assert _same(before, _fingerprint(lm))
 
@@ -107,8 +113,20 @@ def test_weights_that_do_not_match_their_manifest_are_refused(saved, tmp_path):
     name = next(iter(state))
     state[name] = torch.zeros(3, 3)  # a file swapped in from elsewhere
     save_file(state, str(copy / "adapter.safetensors"))
+    with pytest.raises(ValueError, match="its record says"):  # the digest catches the swap first
+        _load(copy, tiny_lm("llama", tiny_tokenizer()))
+    rerecord_adapter(copy)  # a swap that also rewrote the digest: the tensor list still refuses it
     with pytest.raises(ValueError, match="does not hold the tensors its manifest lists"):
         _load(copy, tiny_lm("llama", tiny_tokenizer()))
+
+
+def rerecord_adapter(directory) -> None:
+    """Record the current digest of ``adapter.safetensors`` in the manifest (as a stranger can)."""
+    from vlm.integrity import digest
+
+    manifest = json.loads((directory / "manifest.json").read_text())
+    manifest["files"]["adapter.safetensors"] = digest((directory / "adapter.safetensors").read_bytes())
+    (directory / "manifest.json").write_text(json.dumps(manifest))
 
 
 @pytest.mark.parametrize("version", [2, 99, None, "1"])

@@ -96,9 +96,17 @@ def test_make_shards_from_a_folder(tmp_path):
     assert (tmp_path / "data" / "mine-000000.tar").is_file()
 
 
-def test_bad_override_is_a_clear_error():
-    with pytest.raises(ValueError, match="train.max_stepz"):
+def test_bad_override_is_a_clear_error(capsys):
+    from vlm.cli import run
+
+    with pytest.raises(ValueError, match="train.max_stepz"):  # the Python API raises
+        run("train", ["--config", str(TINY / "train.yaml"), "train.max_stepz=3"])
+    with pytest.raises(SystemExit) as stop:  # the console script prints one line and exits 2
         main_train(["--config", str(TINY / "train.yaml"), "train.max_stepz=3"])
+    assert (
+        stop.value.code == 2
+        and "pvlm-train: error: unknown config field(s) ['train.max_stepz']" in capsys.readouterr().err
+    )
 
 
 def test_demo_console_script_exits_zero_and_reports(tmp_path):

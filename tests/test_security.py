@@ -257,7 +257,7 @@ def test_adapter_checkpoints_are_safetensors_plus_json(tmp_path):
 
 
 def test_a_foreign_manifest_cannot_turn_on_trust_remote_code(tmp_path, monkeypatch):
-    import vlm.model
+    import vlm.checkpoint
     from vlm.model import VisionLanguageModel
     from vlm.testing import tiny_clip, tiny_lm, tiny_tokenizer, tiny_vlm
 
@@ -273,9 +273,9 @@ def test_a_foreign_manifest_cannot_turn_on_trust_remote_code(tmp_path, monkeypat
         seen.append(config.trust_remote_code)
         return tiny_lm("llama", tiny_tokenizer())
 
-    monkeypatch.setattr(vlm.model, "load_language_model", fake_lm)
+    monkeypatch.setattr(vlm.checkpoint, "load_language_model", fake_lm)  # parts the manifest names load here
     monkeypatch.setattr(
-        vlm.model, "load_tokenizer", lambda config: seen.append(config.trust_remote_code) or tiny_tokenizer()
+        vlm.checkpoint, "load_tokenizer", lambda config: seen.append(config.trust_remote_code) or tiny_tokenizer()
     )
     vision, preprocess = tiny_clip()
     model = VisionLanguageModel.load_adapter(tmp_path / "adapter", vision, preprocess=preprocess)

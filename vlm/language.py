@@ -3,6 +3,8 @@ wrapping it with peft LoRA."""
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -18,6 +20,7 @@ __all__ = [
     "torch_dtype",
     "context_length",
     "add_token_rows",
+    "tokenizer_with_image_token",
 ]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -119,6 +122,22 @@ def context_length(config) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+def tokenizer_with_image_token(tokenizer, image_token: str):
+    """``tokenizer`` with ``image_token`` in its vocabulary and a pad token, never the caller's object
+    changed: when either is missing, a deep copy gets it. (Adding ``<image>`` to the caller's tokenizer
+    made a second VLM built or loaded in the same process see one token more than the first.)"""
+    needs_token = image_token not in tokenizer.get_vocab()
+    needs_pad = tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None
+    if not (needs_token or needs_pad):
+        return tokenizer
+    tokenizer = copy.deepcopy(tokenizer)
+    if needs_token:
+        tokenizer.add_special_tokens({"additional_special_tokens": [image_token]})
+    if needs_pad:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def add_token_rows(lm: nn.Module, vocab_size: int) -> tuple[int, list[int]]:

@@ -79,7 +79,7 @@ class VisionLanguageModel(nn.Module):
             tokens_per_image=config.tokens_per_image,
             max_length=context_length(hf_lm.config),
         )
-        self.base_vocab_size, self.new_token_ids = add_token_rows(hf_lm, len(tokenizer))
+        self.base_vocab_size, self.new_token_ids = add_token_rows(hf_lm, len(self.processor.tokenizer))
 
         self.xattn = None
         if config.injection.mode == "cross_attention":

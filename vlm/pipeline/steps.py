@@ -17,6 +17,7 @@ from PIL import Image
 from resampler.config import save_config, to_dict
 
 from ..backbones import register_standin_vision
+from ..checkpoint import save_adapter
 from ..data.reader import CaptionLoader
 from ..distributed import init_distributed, print0, rank
 from ..model import VisionLanguageModel
@@ -65,12 +66,17 @@ def run_training(cfg: RunConfig, model: VisionLanguageModel | None = None) -> tu
         cfg.out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, cfg.out / "run_config.yaml")
     start = time.perf_counter()
-    result = train(model, train_loader(cfg, model), cfg.train, cfg.out, seed=cfg.seed, run_config=to_dict(cfg))
+    loader = train_loader(cfg, model)
+    result = train(model, loader, cfg.train, cfg.out, seed=cfg.seed, run_config=to_dict(cfg))
     seconds = time.perf_counter() - start
     if rank() == 0 and result.step == cfg.train.max_steps:
-        model.save_adapter(cfg.out / "adapter")
+        save_adapter(model, cfg.out / "adapter", step=result.step)
     tail = result.losses[-20:] or [float("nan")]
     print0(f"train: {result.step} steps, last loss {sum(tail) / len(tail):.4f}, {seconds:.1f} s this call")
+    print0(
+        f"train data: skipped {dict(loader.bad_samples)}, converted {dict(loader.converted)}; "
+        f"{result.skipped_steps} optimizer steps skipped"
+    )
     return model, result
 
 
