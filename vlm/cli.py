@@ -51,7 +51,7 @@ from resampler.config import parse_cli
 from . import pipeline
 from .distributed import print0, rank, world_size
 from .io import describe_os_error
-from .lock import try_lock
+from .lock import DirectoryLocked, try_lock
 from .pipeline.config import RunConfig, default_config_file
 from .training.config import resolve_device
 
@@ -191,13 +191,17 @@ def _fail(name: str, err: BaseException, code: int, debug: bool) -> typing.NoRet
 
 
 def describe_error(err: BaseException) -> str:
-    """An exception as one line: OSErrors as ``path: cause (ERRNO)``, others by message (and type,
-    unless it is a ValueError, the type of every "bad input" error here)."""
+    """An exception as one line: OSErrors as ``path: cause (ERRNO)``, others by their message, with
+    the type in front unless it is one of the expected kinds (bad input, I/O, a locked directory, a
+    run stopped by non-finite steps)."""
     if isinstance(err, OSError) and err.errno is not None:
         text = describe_os_error(err)
     else:
         text = " ".join(str(err).split()) or "(no message)"
-    return text if isinstance(err, (ValueError, OSError)) else f"{type(err).__name__}: {text}"
+    return text if isinstance(err, _EXPECTED) else f"{type(err).__name__}: {text}"
+
+
+_EXPECTED = (ValueError, OSError, DirectoryLocked, FloatingPointError)  # their messages say it all
 
 
 @contextlib.contextmanager
