@@ -153,12 +153,11 @@ def _read_image(path: Path, max_pixels: int, skipped: Counter[str]) -> Image.Ima
     try:
         return decode_image(path.read_bytes(), max_pixels)[0]
     except BadSample as bad:
-        reason = bad.reason
+        reason, detail = bad.reason, str(bad)
     except OSError as err:
-        reason = "unreadable_file"
-        bad = err
+        reason, detail = "unreadable_file", str(err)
     skipped[reason] += 1
-    log.warning("caption: skipping %s (%s)", path, bad)
+    log.warning("caption: skipping %s (%s)", path, detail)
     return None
 
 
