@@ -178,10 +178,13 @@ def write_coco_layout(root: str | Path, n: int = 12, captions_per_image: int = 5
 
 
 def write_karpathy_layout(root: str | Path, n: int = 12, captions_per_image: int = 5) -> Path:
-    """``root/dataset_coco.json`` + ``root/train2014/`` and ``root/val2014/``: Karpathy's COCO split file;
-    splits cycle through train, restval, val, test (train images under train2014, the others under val2014)."""
+    """A COCO 2014 download with Karpathy's split file: ``root/dataset_coco.json``, ``root/train2014/``,
+    ``root/val2014/`` and ``root/annotations/captions_{train,val}2014.json`` (the same images, ids and
+    captions). Splits cycle through train, restval, val, test (train under train2014, the others under
+    val2014, as in the real split: restval, val and test are all COCO val2014 images)."""
     root = Path(root)
     rows = []
+    coco: dict[str, dict[str, list]] = {f: {"images": [], "annotations": []} for f in ("train2014", "val2014")}
     for i, photo in enumerate(sample_photos(n, seed=1)):
         split = ("train", "restval", "val", "test")[i % 4]
         folder = "train2014" if split == "train" else "val2014"
@@ -192,7 +195,11 @@ def write_karpathy_layout(root: str | Path, n: int = 12, captions_per_image: int
                      for j, c in enumerate(photo.captions[:captions_per_image])]  # fmt: skip
         rows.append({"filepath": folder, "filename": filename, "imgid": i, "split": split, "cocoid": cocoid,
                      "sentids": [s["sentid"] for s in sentences], "sentences": sentences})  # fmt: skip
+        coco[folder]["images"].append({"id": cocoid, "file_name": filename, "height": 64, "width": 64})
+        coco[folder]["annotations"] += [{"id": s["sentid"], "image_id": cocoid, "caption": s["raw"]} for s in sentences]
     _write(root / "dataset_coco.json", json.dumps({"images": rows, "dataset": "coco"}))
+    for folder, data in coco.items():
+        _write(root / "annotations" / f"captions_{folder}.json", json.dumps({"info": {}, "licenses": [], **data}))
     return root
 
 
