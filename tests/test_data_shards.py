@@ -232,3 +232,35 @@ def test_resolve_shards_forms(tmp_path):
     assert resolve_shards(expected[:1]) == expected[:1]
     with pytest.raises(ValueError, match="no shards match"):
         resolve_shards(str(tmp_path / "nothing-*.tar"))
+
+
+def test_a_failure_while_swapping_sets_puts_the_previous_set_back(tmp_path, monkeypatch):
+    import os
+
+    write_samples(_samples(3), tmp_path, prefix="train", samples_per_shard=1)
+    old = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    real, moved = os.replace, []
+
+    def replace(src, dst):
+        if Path(dst).parent == tmp_path and Path(src).parent != tmp_path:  # a new file moving in
+            moved.append(dst)
+            if len(moved) == 2:  # the second new shard: the old set is aside, one new shard is in
+                raise OSError("disk gone")
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError, match="disk gone"):
+        write_samples(_samples(4), tmp_path, prefix="train", samples_per_shard=2)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == old  # exactly the old set, no temporary
+
+
+def test_make_shards_help_lists_the_sources_and_their_fields(capsys):
+    from vlm.cli import main_make_shards
+
+    with pytest.raises(SystemExit):
+        main_make_shards(["--help"])
+    out = capsys.readouterr().out
+    assert "shards.source: {synthetic,folder,coco,karpathy,nocaps,img2dataset} = 'synthetic'" in out
+    for field in ("shards.annotations_file: str = ''  -- coco: captions_*.json", "shards.split: str = ''  -- karpathy"):
+        assert field in out

@@ -196,3 +196,18 @@ def test_meteor_switch_and_progress_bars(data, tmp_path, capsys, monkeypatch):
     with pytest.raises(ValueError, match="METEOR needs Java.*eval.meteor=false"):
         caption_metrics({"a": "x"}, {"a": ["x"]}, tokenizer="simple", meteor=True)
     assert "METEOR" not in caption_metrics({"a": "x"}, {"a": ["x"]}, tokenizer="simple")  # default: when Java is there
+
+
+def test_eval_and_caption_help_list_the_new_fields(capsys):
+    from vlm.cli import main_caption, main_eval
+
+    with pytest.raises(SystemExit):
+        main_eval(["--help"])
+    out = capsys.readouterr().out
+    assert "eval.meteor: bool | None = None  -- METEOR (Java, slow)" in out
+    assert "eval.results_file: str = ''  -- score this COCO results file" in out and "eval.annotations_file" in out
+    assert "features.on_change: {rebuild,error} = 'rebuild'" in out
+    with pytest.raises(SystemExit):
+        main_caption(["--help"])
+    out = capsys.readouterr().out
+    assert "--batch-size" in out and "--output" in out and "files, folders or globs" in out
