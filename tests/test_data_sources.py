@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlm.data import DataConfig, shards_from_coco, shards_from_karpathy, shards_from_nocaps
+from vlm.data import DataConfig, shards_from_annotations
 from vlm.data.reader import CaptionLoader
 from vlm.data.tiny_datasets import write_coco_layout, write_karpathy_layout, write_nocaps_layout
 
@@ -53,8 +53,8 @@ def test_coco_one_sample_per_image_with_all_its_captions(layouts, tmp_path):
     wanted = defaultdict(list)
     for a in reversed(ann["annotations"]):  # the file lists them reversed; captions keep their file order
         wanted[a["image_id"]].insert(0, " ".join(a["caption"].split()))
-    summary = shards_from_coco(
-        root / "annotations" / "captions_val2014.json", root / "val2014", tmp_path, "val", samples_per_shard=5
+    summary = shards_from_annotations(
+        "coco", root / "annotations" / "captions_val2014.json", root / "val2014", tmp_path, "val", samples_per_shard=5
     )
     assert summary.num_samples == len(ann["images"]) == 12 and summary.samples_per_shard == [5, 5, 2]
     got, loader = _read(summary.pattern)
@@ -76,7 +76,7 @@ def test_coco_images_without_captions_and_stray_annotations_are_counted(layouts,
     (tmp_path / "c.json").write_text(json.dumps(ann))
     (root / "val2014" / ann["images"][5]["file_name"]).rename(tmp_path / "away.jpg")
     try:
-        summary = shards_from_coco(tmp_path / "c.json", root / "val2014", tmp_path / "out", "val")
+        summary = shards_from_annotations("coco", tmp_path / "c.json", root / "val2014", tmp_path / "out", "val")
     finally:
         (tmp_path / "away.jpg").rename(root / "val2014" / ann["images"][5]["file_name"])
     assert summary.num_samples == 10
@@ -90,7 +90,9 @@ def test_karpathy_splits(layouts, tmp_path):
     rows = json.loads((root / "dataset_coco.json").read_text())["images"]
     for split in ("train", "restval", "val", "test", "train+restval"):
         expected = [r for r in rows if r["split"] in split.split("+")]
-        summary = shards_from_karpathy(root / "dataset_coco.json", root, split, tmp_path, split.replace("+", "_"))
+        summary = shards_from_annotations(
+            "karpathy", root / "dataset_coco.json", root, tmp_path, split.replace("+", "_"), split=split
+        )
         assert summary.num_samples == len(expected) > 0
         got, _ = _read(summary.pattern)
         assert len(got) == len(expected)
@@ -112,7 +114,9 @@ def test_karpathy_flickr_layout_uses_imgid_and_the_image_folder(layouts, tmp_pat
         flickr.append({"filename": f"{1000 + r['imgid']}.jpg", "imgid": r["imgid"], "split": r["split"],
                        "sentences": r["sentences"]})  # fmt: skip
     (tmp_path / "dataset_flickr30k.json").write_text(json.dumps({"images": flickr, "dataset": "flickr30k"}))
-    summary = shards_from_karpathy(tmp_path / "dataset_flickr30k.json", images, "test", tmp_path / "out", "test")
+    summary = shards_from_annotations(
+        "karpathy", tmp_path / "dataset_flickr30k.json", images, tmp_path / "out", "test", split="test"
+    )
     got, _ = _read(summary.pattern)
     assert sorted(meta["image_id"] for _, meta, _ in got.values()) == [
         r["imgid"] for r in flickr if r["split"] == "test"
@@ -122,14 +126,16 @@ def test_karpathy_flickr_layout_uses_imgid_and_the_image_folder(layouts, tmp_pat
 def test_nocaps_val_keeps_domains_and_ten_captions_and_test_has_images_only(layouts, tmp_path):
     root = layouts["nocaps"]
     val = json.loads((root / "nocaps_val_4500_captions.json").read_text())
-    summary = shards_from_nocaps(root / "nocaps_val_4500_captions.json", root / "validation", tmp_path, "val")
+    summary = shards_from_annotations(
+        "nocaps", root / "nocaps_val_4500_captions.json", root / "validation", tmp_path, "val"
+    )
     assert summary.num_samples == len(val["images"]) == 9
     got, _ = _read(summary.pattern)
     for image in val["images"]:
         refs, meta, _ = got[Path(image["file_name"]).stem]
         assert refs == [a["caption"] for a in val["annotations"] if a["image_id"] == image["id"]] and len(refs) == 10
         assert meta["domain"] == image["domain"] and meta["open_images_id"] == image["open_images_id"]
-    test = shards_from_nocaps(root / "nocaps_test_image_info.json", root / "test", tmp_path, "test")
+    test = shards_from_annotations("nocaps", root / "nocaps_test_image_info.json", root / "test", tmp_path, "test")
     assert test.num_samples == 3
     got, _ = _read(test.pattern, allow_uncaptioned=True)
     assert len(got) == 3 and all(refs == [] for refs, _, _ in got.values())
@@ -141,23 +147,23 @@ def test_wrong_inputs_are_clear_errors(layouts, tmp_path):
     coco, karpathy = layouts["coco"], layouts["karpathy"]
     captions = coco / "annotations" / "captions_val2014.json"
     with pytest.raises(FileNotFoundError, match="captions_val2104.json does not exist"):
-        shards_from_coco(coco / "annotations" / "captions_val2104.json", coco / "val2014", tmp_path)
+        shards_from_annotations("coco", coco / "annotations" / "captions_val2104.json", coco / "val2014", tmp_path)
     with pytest.raises(FileNotFoundError, match="image folder .*val2104 does not exist"):
-        shards_from_coco(captions, coco / "val2104", tmp_path)
+        shards_from_annotations("coco", captions, coco / "val2104", tmp_path)
     with pytest.raises(ValueError, match=r"no sample to write.*missing_image.: 12"):
-        shards_from_coco(captions, karpathy / "train2014", tmp_path)  # the wrong image folder
+        shards_from_annotations("coco", captions, karpathy / "train2014", tmp_path)  # the wrong image folder
     (tmp_path / "none.json").write_text(json.dumps({"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": []}))
     with pytest.raises(ValueError, match="no usable row"):
-        shards_from_coco(tmp_path / "none.json", coco / "val2014", tmp_path)
+        shards_from_annotations("coco", tmp_path / "none.json", coco / "val2014", tmp_path)
     (tmp_path / "broken.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid UTF-8 JSON"):
-        shards_from_coco(tmp_path / "broken.json", coco / "val2014", tmp_path)
+        shards_from_annotations("coco", tmp_path / "broken.json", coco / "val2014", tmp_path)
     with pytest.raises(ValueError, match="karpathy split must be one of"):
-        shards_from_karpathy(karpathy / "dataset_coco.json", karpathy, "testing", tmp_path)
+        shards_from_annotations("karpathy", karpathy / "dataset_coco.json", karpathy, tmp_path, split="testing")
     rows = json.loads((karpathy / "dataset_coco.json").read_text())["images"]
     (tmp_path / "k.json").write_text(json.dumps({"images": [r for r in rows if r["split"] != "test"]}))
     with pytest.raises(ValueError, match=r"no usable row for split 'test' \(splits in the file: \{'train'"):
-        shards_from_karpathy(tmp_path / "k.json", karpathy, "test", tmp_path)
+        shards_from_annotations("karpathy", tmp_path / "k.json", karpathy, tmp_path, split="test")
     assert not list(tmp_path.glob("*.tar"))
 
 

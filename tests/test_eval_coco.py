@@ -12,7 +12,7 @@ import pytest
 
 from vlm import evaluation
 from vlm.cli import run
-from vlm.data import DataConfig, shards_from_coco, shards_from_karpathy, shards_from_nocaps
+from vlm.data import DataConfig, shards_from_annotations
 from vlm.data.tiny_datasets import write_coco_layout, write_karpathy_layout, write_nocaps_layout
 from vlm.evaluation import caption_metrics, java_available
 from vlm.pipeline import EvalConfig, RunConfig, run_evaluation
@@ -59,10 +59,12 @@ def data(tmp_path_factory):
     nocaps = write_nocaps_layout(root / "nocaps")
     shards = root / "shards"
     captions = coco / "annotations" / "captions_val2014.json"
-    shards_from_coco(captions, coco / "val2014", shards, "coco")
-    shards_from_karpathy(karpathy / "dataset_coco.json", karpathy, "test", shards, "karpathy_test")
-    shards_from_nocaps(nocaps / "nocaps_val_4500_captions.json", nocaps / "validation", shards, "nocaps_val")
-    shards_from_nocaps(nocaps / "nocaps_test_image_info.json", nocaps / "test", shards, "nocaps_test")
+    shards_from_annotations("coco", captions, coco / "val2014", shards, "coco")
+    shards_from_annotations("karpathy", karpathy / "dataset_coco.json", karpathy, shards, "karpathy_test", split="test")
+    shards_from_annotations(
+        "nocaps", nocaps / "nocaps_val_4500_captions.json", nocaps / "validation", shards, "nocaps_val"
+    )
+    shards_from_annotations("nocaps", nocaps / "nocaps_test_image_info.json", nocaps / "test", shards, "nocaps_test")
     return SimpleNamespace(root=root, coco_captions=captions, karpathy=karpathy, nocaps=nocaps, shards=shards)
 
 

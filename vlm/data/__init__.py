@@ -7,14 +7,7 @@ from .decode import BadSample, build_transform, decode_image
 from .features import check_feature_cache, feature_recipe, precompute_features
 from .reader import CaptionBatch, CaptionDataset, CaptionLoader
 from .shards import EmptyShardSet, ShardSummary, resolve_shards, write_samples
-from .sources import (
-    shards_from_coco,
-    shards_from_folder,
-    shards_from_img2dataset,
-    shards_from_karpathy,
-    shards_from_nocaps,
-    shards_from_records,
-)
+from .sources import shards_from_annotations, shards_from_folder, shards_from_img2dataset, shards_from_records
 from .synthetic import (
     Scene,
     SceneObject,
@@ -43,9 +36,7 @@ __all__ = [
     "read_karpathy",
     "shards_from_records",
     "shards_from_folder",
-    "shards_from_coco",
-    "shards_from_karpathy",
-    "shards_from_nocaps",
+    "shards_from_annotations",
     "shards_from_img2dataset",
     "precompute_features",
     "feature_recipe",

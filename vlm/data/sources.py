@@ -27,9 +27,8 @@ from .shards import IMAGE_EXTENSIONS, ShardSummary, write_samples
 __all__ = [
     "shards_from_records",
     "shards_from_folder",
-    "shards_from_coco",
-    "shards_from_karpathy",
-    "shards_from_nocaps",
+    "ANNOTATION_SOURCES",
+    "shards_from_annotations",
     "shards_from_img2dataset",
 ]
 
@@ -145,65 +144,40 @@ def shards_from_folder(
     return shards_from_records(records, image_dir, out_dir, prefix, samples_per_shard, progress=progress)
 
 
-def shards_from_coco(
+ANNOTATION_SOURCES = ("coco", "karpathy", "nocaps")
+
+
+def shards_from_annotations(
+    source: str,
     annotations_file: str | Path,
     image_dir: str | Path,
     out_dir: str | Path,
     prefix: str = "shard",
     samples_per_shard: int = 1000,
     *,
+    split: str = "",
     progress: bool = False,
 ) -> ShardSummary:
-    """Shards from a COCO captions file (``captions_val2014.json``) + its image folder (``val2014/``)."""
+    """Shards from a dataset's annotation file + its images, ``source`` one of:
+
+    - ``coco``: a captions file (``captions_val2014.json``) + its image folder (``val2014/``);
+    - ``karpathy``: one ``split`` of Karpathy's split file (``dataset_coco.json``: images under
+      ``image_dir/<filepath>/``, i.e. the folder holding ``train2014/`` and ``val2014/``; Flickr30k: the
+      image folder itself);
+    - ``nocaps``: NoCaps' val captions (10 per image) + its image folder, or its test image info (no
+      captions: the samples carry ``captions: []`` and serve prediction only; the NoCaps server scores test).
+    """
+    if source not in ANNOTATION_SOURCES:
+        raise ValueError(f"annotation source must be one of {ANNOTATION_SOURCES}, got {source!r}")
     _image_folder(image_dir)
     skipped: Counter[str] = Counter()
-    records = read_coco_captions(annotations_file, skipped=skipped)
+    if source == "karpathy":
+        records = read_karpathy(annotations_file, split, skipped=skipped)
+    else:
+        records = read_coco_captions(annotations_file, require_captions=source == "coco", skipped=skipped)
     for r in records:
-        r.meta["source"] = "coco"
-    return shards_from_records(
-        records, image_dir, out_dir, prefix, samples_per_shard, skipped=skipped, progress=progress
-    )
-
-
-def shards_from_karpathy(
-    annotations_file: str | Path,
-    image_root: str | Path,
-    split: str,
-    out_dir: str | Path,
-    prefix: str = "shard",
-    samples_per_shard: int = 1000,
-    *,
-    progress: bool = False,
-) -> ShardSummary:
-    """Shards of one Karpathy split (``dataset_coco.json``: images under ``image_root/<filepath>/``,
-    i.e. the folder holding ``train2014/`` and ``val2014/``; Flickr30k: the image folder itself)."""
-    _image_folder(image_root)
-    skipped: Counter[str] = Counter()
-    records = read_karpathy(annotations_file, split, skipped=skipped)
-    for r in records:
-        r.meta["source"] = "karpathy"
-    return shards_from_records(
-        records, image_root, out_dir, prefix, samples_per_shard, skipped=skipped, progress=progress
-    )
-
-
-def shards_from_nocaps(
-    annotations_file: str | Path,
-    image_dir: str | Path,
-    out_dir: str | Path,
-    prefix: str = "shard",
-    samples_per_shard: int = 1000,
-    *,
-    progress: bool = False,
-) -> ShardSummary:
-    """Shards from NoCaps' val captions (10 per image) or its test image info (no captions: the samples
-    carry ``captions: []`` and serve prediction only; the test split is scored on the NoCaps server)."""
-    _image_folder(image_dir)
-    skipped: Counter[str] = Counter()
-    records = read_coco_captions(annotations_file, require_captions=False, skipped=skipped)
-    uncaptioned = not any(r.captions for r in records)  # the test split's image info
-    for r in records:
-        r.meta["source"] = "nocaps"
+        r.meta["source"] = source
+    uncaptioned = source == "nocaps" and not any(r.captions for r in records)  # the test split's image info
     return shards_from_records(
         records, image_dir, out_dir, prefix, samples_per_shard,
         skipped=skipped, allow_uncaptioned=uncaptioned, progress=progress,

@@ -20,13 +20,7 @@ from ..backbones import ensure_standin_backbones
 from ..data.features import check_feature_cache, feature_recipe, precompute_features
 from ..data.reader import CaptionLoader
 from ..data.shards import ShardSummary
-from ..data.sources import (
-    shards_from_coco,
-    shards_from_folder,
-    shards_from_img2dataset,
-    shards_from_karpathy,
-    shards_from_nocaps,
-)
+from ..data.sources import shards_from_annotations, shards_from_folder, shards_from_img2dataset
 from ..data.synthetic import write_synthetic_shards
 from ..distributed import barrier, print0, rank
 from ..io import atomic_write
@@ -75,12 +69,10 @@ def make_shards(cfg: RunConfig) -> ShardSummary | None:
     progress = src.progress and rank() == 0
     if src.source == "folder":
         summary = shards_from_folder(src.input_dir, src.captions_file, *where, progress=progress)
-    elif src.source == "coco":
-        summary = shards_from_coco(src.annotations_file, src.input_dir, *where, progress=progress)
-    elif src.source == "karpathy":
-        summary = shards_from_karpathy(src.annotations_file, src.input_dir, src.split, *where, progress=progress)
-    elif src.source == "nocaps":
-        summary = shards_from_nocaps(src.annotations_file, src.input_dir, *where, progress=progress)
+    elif src.source in ("coco", "karpathy", "nocaps"):
+        summary = shards_from_annotations(
+            src.source, src.annotations_file, src.input_dir, *where, split=src.split, progress=progress
+        )
     else:
         summary = shards_from_img2dataset(src.input_dir, *where, progress=progress)
     n = len(summary.shards)
