@@ -207,3 +207,25 @@ def test_recipe_names_every_kind_of_difference(tmp_path):
     ]
     index.write_text(json.dumps({"feature_shape": [4, 8]}))  # a cache of an older version records no recipe
     assert "records no recipe" in check_feature_cache(index, new)[0]
+
+
+def test_images_without_captions_are_cached_for_prediction(tmp_path, tower):
+    """NoCaps test images (``captions: []``) go through the cache; a training reader still skips them."""
+    samples = [{"__key__": f"t{i}", "png": _png(i), "json": {"captions": [], "image_id": i}} for i in range(3)]
+    source = write_samples(samples, tmp_path / "src", prefix="test")
+    h, _ = tower.image_size
+    summary = precompute_features(source.pattern, tmp_path / "feat", tower, DataConfig(batch_size=2, image_size=h))
+    assert summary.num_samples == 3
+    cached = DataConfig(batch_size=2, image_size=h, use_cached_features=True)
+    predict = CaptionLoader(summary.pattern, cached, train=False, allow_uncaptioned=True)
+    assert sorted(k for b in predict for k in b.sample_keys) == ["t0", "t1", "t2"]
+    training = CaptionLoader(summary.pattern, cached)
+    assert not list(training) and training.bad_samples == {"empty_caption": 3}
+
+
+def _png(seed: int) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()

@@ -73,7 +73,8 @@ def precompute_features(
     index.unlink(missing_ok=True)  # while a cache is rebuilt there is no record claiming it is complete
     recipe = feature_recipe(shards, vision or {}, transform if transform is not None else build_transform(config))
     read_config = replace(config, use_cached_features=False, resampled=False)
-    loader = CaptionLoader(shards, read_config, transform=transform, train=False, keep_raw=True)
+    # images without captions (NoCaps test) are cached too: the cache copies samples, training readers skip them
+    loader = CaptionLoader(shards, read_config, transform=transform, train=False, keep_raw=True, allow_uncaptioned=True)
     if isinstance(tower, torch.nn.Module):
         tower.eval()
     device = next((p.device for p in getattr(tower, "parameters", lambda: [])()), torch.device("cpu"))
