@@ -3,7 +3,7 @@
     pvlm-make-shards          --config configs/tiny/make_shards.yaml   shards: synthetic / folder / coco / karpathy / nocaps / img2dataset
     pvlm-precompute-features  --config ...   the frozen tower's patch features (fp16) as new shards
     pvlm-train                --config ...   train resampler + projection + LoRA (torchrun for N processes)
-    pvlm-eval                 --config ...   CIDEr / BLEU-4 / attribute accuracy, the no-image ablation, a PNG grid
+    pvlm-eval                 --config ...   COCO protocol: CIDEr / BLEU / METEOR, COCO results files, the no-image ablation
     pvlm-caption              --config ... --images a.png photos/ 'more/*.jpg' [--batch-size 32] [--output captions.jsonl]
     pvlm-demo                 [--config ...]   the embedded default (shipped as vlm/configs/default.yaml), offline
     python -m vlm.cli <command> ...          the same, e.g. under torchrun

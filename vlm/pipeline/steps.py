@@ -124,8 +124,9 @@ def evaluate_adapter(cfg: RunConfig, adapter: str | Path | None = None) -> dict:
 def find_images(specs: list[str], skipped: Counter[str]) -> list[Path]:
     """Image files from paths, folders (every image file under them) and globs, in order, each once.
 
-    A path that does not exist, a glob or folder with no image, and a named file that is not an image
-    file are counted in ``skipped`` (``missing_file``, ``no_match``, ``not_an_image``), never fatal.
+    A path that does not exist and a glob or folder with no image file are counted in ``skipped``
+    (``missing_file``, ``no_match``), never fatal; a named file is kept whatever its suffix (it is
+    decoded later, and counted there if it is no image).
     """
     found: dict[Path, None] = {}
     for spec in specs:
@@ -172,7 +173,7 @@ def caption_files(
     ``batch_size`` (default ``eval.batch_size``) at a time. Unreadable, corrupt or truncated files are
     skipped and counted, never fatal; ``output`` also writes ``{"image", "caption"}`` JSON lines
     (atomically, when all are done). Returns {path: caption}; no readable image at all is an error."""
-    batch_size = batch_size or cfg.eval.batch_size
+    batch_size = cfg.eval.batch_size if batch_size is None else batch_size
     if batch_size <= 0:
         raise ValueError(f"--batch-size must be positive, got {batch_size}")
     skipped: Counter[str] = Counter()
