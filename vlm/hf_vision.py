@@ -7,8 +7,8 @@
   post LayerNorm applies to the pooled token only; SigLIP and Idefics2: after the post LayerNorm);
   ``"penultimate"``: the raw output of the block before the last (``hidden_states[-2]``);
 - CLIP and IDEFICS prepend a class token, kept with ``keep_cls`` (IDEFICS' resampler reads it);
-- Idefics2 takes images of any size that is a multiple of its patch, and a pixel mask of padded images
-  (as its processor makes them), which becomes a patch mask: a patch is real when all its pixels are.
+- Idefics2 takes images of any size (its processor keeps the aspect ratio) and a pixel mask of padded
+  images (as its processor makes them), which becomes a patch mask: a patch is real when all its pixels are.
 """
 
 from __future__ import annotations
@@ -56,7 +56,8 @@ class ImageProcessorTransform:
         if self.square is not None:
             image = image.convert("RGB").resize((self.square, self.square))
             kwargs["do_resize"] = False
-        pixels = self.processor(images=[image], **kwargs)["pixel_values"]
+        pixels = self.processor(images=[image], **kwargs)
+        pixels = pixels if isinstance(pixels, Tensor) else pixels["pixel_values"]  # IDEFICS' returns the tensor
         return pixels.reshape(-1, *pixels.shape[-3:])[0]  # (3, H, W): processors nest images per sample
 
 
@@ -105,22 +106,25 @@ class HFVisionTower(FrozenTower):
     @property
     def expected_pixels(self) -> str:
         if self.has_patch_mask:
-            return f"(B, 3, H, W) with H, W multiples of {self.patch_size}"
+            return f"(B, 3, H, W) with H, W >= {self.patch_size}"
         return super().expected_pixels
 
     def accepts_pixels(self, shape: Sequence[int]) -> bool:
         if not self.has_patch_mask:
             return super().accepts_pixels(shape)
         c, h, w = shape
-        return c == 3 and h > 0 and w > 0 and h % self.patch_size[0] == 0 and w % self.patch_size[1] == 0
+        return c == 3 and h >= self.patch_size[0] and w >= self.patch_size[1]
 
     def patch_mask(self, pixel_mask: Tensor) -> Tensor:
+        """A patch is real when all its pixels are; rows and columns past the last whole patch are
+        dropped, as the patch convolution drops them."""
         if not self.has_patch_mask:
             return super().patch_mask(pixel_mask)
         ph, pw = self.patch_size
         b, h, w = pixel_mask.shape
-        patches = pixel_mask.bool().reshape(b, h // ph, ph, w // pw, pw)
-        return patches.all(dim=4).all(dim=2).reshape(b, -1)  # (B, P)
+        rows, cols = h // ph, w // pw
+        patches = pixel_mask[:, : rows * ph, : cols * pw].bool().reshape(b, rows, ph, cols, pw)
+        return patches.all(dim=4).all(dim=2).reshape(b, rows * cols)  # (B, P)
 
     def encode(self, images: Tensor, pixel_mask: Tensor | None) -> Tensor:
         kwargs = {}
