@@ -207,7 +207,7 @@ def load_flamingo_state(model: VisionLanguageModel, state: dict[str, Tensor], *,
                 raise ValueError(f"OpenFlamingo state: {key} is not a parameter of the vision tower")
             continue
         if key.startswith("lang_encoder.") and load_lm:
-            name = key[len("lang_encoder.") :].replace(".decoder_layer.", ".")
+            name = _lm_name(model.language_model, key[len("lang_encoder.") :].replace(".decoder_layer.", "."), lm_state)
             if name not in lm_state:
                 raise ValueError(f"OpenFlamingo state: {key} is not a parameter of the LM ({name!r})")
             targets[key] = lm_state[name]
@@ -229,6 +229,24 @@ def load_flamingo_state(model: VisionLanguageModel, state: dict[str, Tensor], *,
         for key, target in targets.items():
             target.copy_(state[key].reshape(target.shape).to(target))
     return loaded_lm
+
+
+def _lm_name(lm: nn.Module, name: str, lm_state: dict) -> str:
+    """``name`` as the LM calls it now: checkpoints saved under older transformers use older names
+    (GPT-NeoX's ``embed_out`` is ``lm_head`` in transformers 5); transformers' own renaming rules say how."""
+    if name in lm_state:
+        return name
+    try:
+        from transformers.conversion_mapping import extract_weight_conversions_for_model
+    except ImportError:  # transformers without renaming rules: names never changed there
+        return name
+    for rule in extract_weight_conversions_for_model(lm) or []:
+        sources, targets = getattr(rule, "source_patterns", []), getattr(rule, "target_patterns", [])
+        if type(rule).__name__ == "WeightRenaming" and len(sources) == len(targets) == 1:
+            renamed = re.sub(sources[0], targets[0], name)
+            if renamed in lm_state:
+                return renamed
+    return name
 
 
 def _resampler_param(resampler: nn.Module, name: str) -> Tensor:
