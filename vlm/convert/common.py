@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from resampler.convert.idefics2 import _ACTIVATIONS
 
 from ..config import ResamplerConfig
 
-__all__ = ["empty_model", "check_materialized", "activation", "source_name", "vlm_resampler_config"]
+__all__ = [
+    "empty_model",
+    "check_materialized",
+    "check_not_quantized",
+    "activation",
+    "source_name",
+    "vlm_resampler_config",
+]
 
 
 def empty_model(cls, config) -> nn.Module:
@@ -26,6 +32,16 @@ def check_materialized(model: nn.Module, what: str) -> None:
     left = [name for name, p in model.named_parameters() if p.device.type == "meta"]
     if left:
         raise RuntimeError(f"{what}: parameters not converted from the reference: {left[:5]} ({len(left)})")
+
+
+def check_not_quantized(where: str, skip: list[str], **modules: nn.Module) -> None:
+    """The parts a converter copies weights from (connector, gates) must be in floating point."""
+    for name, module in modules.items():
+        if any(not p.is_floating_point() for p in module.parameters()):
+            raise ValueError(
+                f"{where}: the reference's {name} is quantized; load it with BitsAndBytesConfig("
+                f"llm_int8_skip_modules={skip}) so only the language model is (QLoRA)"
+            )
 
 
 def activation(name: str, where: str) -> str:
@@ -47,8 +63,3 @@ def vlm_resampler_config(resampler) -> ResamplerConfig:
     fields = {f.name: getattr(resampler.config, f.name) for f in dataclasses.fields(resampler.config)}
     fields["dim"] = None if fields.get("input_dim") is None else fields["dim"]
     return ResamplerConfig(**fields)
-
-
-def share_parameter(module: nn.Module, name: str, value: torch.Tensor) -> None:
-    """Set ``module.<name>`` to ``value`` (kept as the same tensor storage when it is a Parameter)."""
-    setattr(module, name, value if isinstance(value, nn.Parameter) else nn.Parameter(value, requires_grad=False))

@@ -27,7 +27,14 @@ from resampler.convert import from_idefics_perceiver
 from ..config import InjectionConfig, LMConfig, LoRAConfig, ProjectorConfig, VisionConfig, VLMConfig
 from ..hf_vision import ImageProcessorTransform
 from ..model import VisionLanguageModel
-from .common import activation, check_materialized, empty_model, source_name, vlm_resampler_config
+from .common import activation, check_materialized, check_not_quantized, empty_model, source_name, vlm_resampler_config
+
+QLORA_SKIP = [  # bitsandbytes: quantize the decoder only
+    "model.vision_model",
+    "model.perceiver_resampler",
+    "model.gated_cross_attn_layers",
+    "lm_head",
+]
 
 __all__ = ["from_idefics", "idefics_config", "idefics_parts"]
 
@@ -155,7 +162,15 @@ def from_idefics(
     ``model``'s decoder, tower and gates' modules: don't keep using ``model`` afterwards for training.
     """
     _check(model)
-    resampler = from_idefics_perceiver(model.model.perceiver_resampler)
+    theirs = model.model
+    check_not_quantized(
+        "from_idefics",
+        QLORA_SKIP,
+        perceiver_resampler=theirs.perceiver_resampler,
+        gated_cross_attn_layers=theirs.gated_cross_attn_layers,
+        vision_model=theirs.vision_model,
+    )
+    resampler = from_idefics_perceiver(theirs.perceiver_resampler)
     config = idefics_config(model, lora, resampler)
     if "<image>" not in tokenizer.get_vocab():
         raise ValueError("from_idefics: the tokenizer has no '<image>' token; pass IDEFICS' own tokenizer")

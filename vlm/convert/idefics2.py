@@ -24,7 +24,9 @@ from resampler.convert import from_idefics2 as resampler_from_idefics2
 from ..config import InjectionConfig, LMConfig, LoRAConfig, ProjectorConfig, VisionConfig, VLMConfig
 from ..hf_vision import ImageProcessorTransform
 from ..model import VisionLanguageModel
-from .common import activation, check_materialized, empty_model, source_name, vlm_resampler_config
+from .common import activation, check_materialized, check_not_quantized, empty_model, source_name, vlm_resampler_config
+
+QLORA_SKIP = ["model.vision_model", "model.connector", "lm_head"]  # bitsandbytes: quantize the decoder only
 
 __all__ = ["from_idefics2", "idefics2_config", "idefics2_parts"]
 
@@ -89,6 +91,9 @@ def from_idefics2(
             f"from_idefics2: the tokenizer's '<image>' id is {image_token_id}, the model's image_token_id is "
             f"{model.config.image_token_id}: pass Idefics2's own tokenizer"
         )
+    check_not_quantized(
+        "from_idefics2", QLORA_SKIP, connector=model.model.connector, vision_model=model.model.vision_model
+    )
     resampler = resampler_from_idefics2(model.model.connector)
     config = idefics2_config(model, lora, resampler)
     vision, lm = idefics2_parts(model)
