@@ -23,7 +23,7 @@ from ..data.shards import ShardSummary, shards_from_folder, shards_from_img2data
 from ..data.synthetic import write_synthetic_shards
 from ..distributed import barrier, print0, rank
 from ..io import atomic_write
-from ..vision import VisionTower, load_open_clip
+from ..vision import load_vision_tower
 from .config import RunConfig
 
 __all__ = [
@@ -129,8 +129,8 @@ def ensure_feature_cache(cfg: RunConfig) -> None:
     """Encode each split in ``features.splits`` once with the frozen tower (rank 0; others wait)."""
     todo = [s for s in cfg.features.splits if not (cfg.features_dir / f"{s}-features.json").is_file()]
     if todo and rank() == 0:
-        vision_model, preprocess = load_open_clip(cfg.model.vision)
-        tower = VisionTower(vision_model, cfg.model.vision, preprocess)
+        tower = load_vision_tower(cfg.model.vision)  # open_clip or transformers, from config.vision alone
+        preprocess = tower.preprocess
         read = replace(cfg.data, batch_size=cfg.features.batch_size, use_cached_features=False)
         for split in todo:
             source = _raw_split_spec(cfg, split)
