@@ -133,3 +133,18 @@ def test_a_converted_resampler_plugs_into_another_llm(tmp_path):
     batch = model.processor(["Caption:"], captions=["a red circle"], num_images=1)
     model(images=pixels[:1], **batch).loss.backward()
     assert model.projector[0].weight.grad is not None
+
+
+def test_a_bfloat16_reference_gets_an_fp32_connector():
+    hf, processor = tiny_idefics2()
+    reference = copy.deepcopy(hf).to(torch.bfloat16)
+    model = from_idefics2(copy.deepcopy(hf).to(torch.bfloat16), processor.tokenizer)
+    assert next(model.resampler.parameters()).dtype == torch.float32
+    assert next(model.language_model.parameters()).dtype == torch.bfloat16
+    batch = _idefics2_batch(processor)
+    with torch.no_grad():
+        got = model(**_inputs(batch)).logits.float()
+        want = reference(**batch).logits.float()
+        exact = hf(**batch).logits
+    # bf16 rounding only: about as far from the fp32 model as the bf16 reference itself
+    assert (got - exact).abs().max() <= 2 * (want - exact).abs().max() + 1e-2

@@ -170,7 +170,7 @@ def from_idefics(
         gated_cross_attn_layers=theirs.gated_cross_attn_layers,
         vision_model=theirs.vision_model,
     )
-    resampler = from_idefics_perceiver(theirs.perceiver_resampler)
+    resampler = from_idefics_perceiver(theirs.perceiver_resampler).float()  # the connector runs in fp32
     config = idefics_config(model, lora, resampler)
     if "<image>" not in tokenizer.get_vocab():
         raise ValueError("from_idefics: the tokenizer has no '<image>' token; pass IDEFICS' own tokenizer")

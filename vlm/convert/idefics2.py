@@ -94,7 +94,7 @@ def from_idefics2(
     check_not_quantized(
         "from_idefics2", QLORA_SKIP, connector=model.model.connector, vision_model=model.model.vision_model
     )
-    resampler = resampler_from_idefics2(model.model.connector)
+    resampler = resampler_from_idefics2(model.model.connector).float()  # the connector runs in fp32
     config = idefics2_config(model, lora, resampler)
     vision, lm = idefics2_parts(model)
     square = vision.config.image_size
