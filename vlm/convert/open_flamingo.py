@@ -51,7 +51,7 @@ OPEN_FLAMINGO_MODELS = {
         "togethercomputer/RedPajama-INCITE-Instruct-3B-v1",
         2,
     ),
-    "openflamingo/OpenFlamingo-9B-vitl-mpt7b": ("ViT-L-14", "openai", "anas-awadalla/mpt-7b", 4),
+    "openflamingo/OpenFlamingo-9B-vitl-mpt7b": ("ViT-L-14", "openai", "mosaicml/mpt-7b", 4),
 }
 # OpenFlamingo's own table of decoder-layer paths (its factory's), for LM families outside vlm.registry
 _LAYER_PATHS = {"mpt": "transformer.blocks", "mosaic_gpt": "transformer.blocks", "gptj": "transformer.h"}
