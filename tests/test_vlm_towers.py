@@ -10,7 +10,7 @@ import torch
 from vlm import VisionConfig, VisionLanguageModel
 from vlm.hf_vision import HFVisionTower, ImageProcessorTransform
 from vlm.testing import tiny_images, tiny_lm, tiny_tokenizer, tiny_vlm_config
-from vlm.vision import build_vision_tower
+from vlm.towers import build_vision_tower
 
 SHAPE = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 2}
 

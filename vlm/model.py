@@ -31,8 +31,8 @@ from .language import add_token_rows, apply_lora, context_length, load_language_
 from .media import flatten_features, flatten_images, flatten_pixel_mask, media_per_sample
 from .processor import IGNORE_INDEX, VLMProcessor
 from .registry import decoder_layers
+from .towers import build_vision_tower, load_vision
 from .training.optim import param_groups
-from .vision import build_vision_tower, load_vision
 
 __all__ = ["VisionLanguageModel", "build_projector"]
 

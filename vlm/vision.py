@@ -1,10 +1,11 @@
-"""Frozen image towers that return patch tokens: open_clip here, transformers towers in `vlm.hf_vision`.
+"""Frozen image towers that return patch tokens: the contract, and open_clip's (transformers towers:
+`vlm.hf_vision`; choosing one by ``config.vision.kind``: `vlm.towers`).
 
 Every tower keeps one contract: always in eval mode, never receives gradients, excluded from the
 optimizer (its parameters have ``requires_grad=False``), ``forward(images (B, 3, H, W)) -> (B, P, D)``
 fp32 tokens of the configured ``layer``, and ``width``, ``num_patches``, ``image_size``, ``depth``,
 ``preprocess`` (PIL image -> (3, H, W)). ``config.vision`` (a `VisionConfig`) names the tower whole:
-``load_vision_tower(config)`` rebuilds it from those fields alone.
+`vlm.towers.load_vision_tower` rebuilds it from those fields alone.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from torch import Tensor, nn
 
 from .config import VisionConfig
 
-__all__ = ["FrozenTower", "VisionTower", "load_open_clip", "load_vision", "build_vision_tower", "load_vision_tower"]
+__all__ = ["FrozenTower", "VisionTower", "load_open_clip"]
 
 
 class FrozenTower(nn.Module):
@@ -129,27 +130,3 @@ class VisionTower(FrozenTower):
         if self.config.keep_cls:
             tokens = torch.cat([out["image_intermediates_prefix"][0], tokens], dim=1)  # (B, 1 + P, D)
         return tokens
-
-
-def load_vision(config: VisionConfig):
-    """(tower model, PIL preprocess) named by ``config``: open_clip or a transformers checkpoint."""
-    if config.kind == "open_clip":
-        return load_open_clip(config)
-    from .hf_vision import load_hf_vision
-
-    return load_hf_vision(config)
-
-
-def build_vision_tower(model: nn.Module, config: VisionConfig, preprocess: Callable | None = None) -> FrozenTower:
-    """The frozen tower of ``config.kind`` around a model already in memory."""
-    if config.kind == "open_clip":
-        return VisionTower(model, config, preprocess)
-    from .hf_vision import HFVisionTower
-
-    return HFVisionTower(model, config, preprocess)
-
-
-def load_vision_tower(config: VisionConfig) -> FrozenTower:
-    """``build_vision_tower(*load_vision(config), ...)``: the tower from its config fields alone."""
-    model, preprocess = load_vision(config)
-    return build_vision_tower(model, config, preprocess)

@@ -23,7 +23,7 @@ from ..data.shards import ShardSummary, shards_from_folder, shards_from_img2data
 from ..data.synthetic import write_synthetic_shards
 from ..distributed import barrier, print0, rank
 from ..io import atomic_write
-from ..vision import load_vision_tower
+from ..towers import load_vision_tower
 from .config import RunConfig
 
 __all__ = [
