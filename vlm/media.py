@@ -1,7 +1,7 @@
 """Images and precomputed features as the VLM accepts them -> one flat (N, ...) batch in text order.
 
-Accepted: a tensor (N, 3, H, W) or (B, T, 3, H, W), a list of PIL images or tensors, one list per
-sample; features (N, P, D), (B, T, P, D) or one tensor per sample. A (B, T, ...) tensor may carry
+Accepted: a tensor (N, 3, H, W), (B, T, 3, H, W) or OpenFlamingo's (B, T, 1, 3, H, W), a list of PIL
+images or tensors, one list per sample; features (N, P, D), (B, T, P, D) or one tensor per sample. A (B, T, ...) tensor may carry
 padding slots after a sample's last image (HF processors pad to the batch's most images): when the
 text gives the per-sample counts, a sample's slots past its count must be all zero and are dropped.
 """
@@ -44,6 +44,8 @@ def flatten_images(images, tower: FrozenTower, per_sample: list[int] | None = No
     if isinstance(images, Tensor):
         if not images.is_floating_point():
             raise ValueError(f"images must be {expected}; got a {images.dtype} tensor (preprocess it first)")
+        if images.dim() == 6 and images.shape[2] == 1:  # OpenFlamingo's vision_x (B, T, F=1, 3, H, W)
+            images = images[:, :, 0]
         if images.dim() == 5 and tower.accepts_pixels(images.shape[2:]):
             return _drop_padding(images, per_sample, "images")  # (N, 3, H, W)
         if images.dim() == 4 and tower.accepts_pixels(images.shape[1:]):
