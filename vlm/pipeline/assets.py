@@ -24,7 +24,7 @@ from ..data.sources import shards_from_annotations, shards_from_folder, shards_f
 from ..data.synthetic import write_synthetic_shards
 from ..distributed import barrier, print0, rank
 from ..io import atomic_write
-from ..vision import VisionTower, load_open_clip
+from ..towers import load_vision_tower
 from .config import RunConfig
 
 __all__ = [
@@ -144,7 +144,8 @@ def ensure_feature_cache(cfg: RunConfig) -> None:
     its cache records exactly the shards, ``model.vision`` section and preprocessing of this run; a
     cache built from anything else is rebuilt, or refused with ``features.on_change: error``."""
     if rank() == 0:
-        vision_model, preprocess = load_open_clip(cfg.model.vision)
+        tower = load_vision_tower(cfg.model.vision)  # open_clip or transformers, from config.vision alone
+        preprocess = tower.preprocess
         vision = to_dict(cfg.model.vision)
         todo = []
         for split in cfg.features.splits:
@@ -161,7 +162,6 @@ def ensure_feature_cache(cfg: RunConfig) -> None:
             if changes:
                 todo.append((split, source))
         if todo:
-            tower = VisionTower(vision_model, cfg.model.vision, preprocess)
             read = replace(cfg.data, batch_size=cfg.features.batch_size, use_cached_features=False)
         for split, source in todo:
             start = time.perf_counter()
