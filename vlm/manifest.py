@@ -42,7 +42,7 @@ _OPT_STR = (str, None)
 _SCHEMA: dict[str, Any] = {
     "format_version": int,
     "?library": {"name": str, "version": str},
-    "vision": {"name": str, "pretrained": _OPT_STR, "width": int, "num_patches": int},
+    "vision": {"?kind": str, "name": str, "pretrained": _OPT_STR, "width": int, "num_patches": int},
     "lm": {
         "name_or_path": str,
         "?revision": _OPT_STR,
@@ -53,6 +53,7 @@ _SCHEMA: dict[str, Any] = {
         "?commit_hash": _OPT_STR,
     },
     "tokenizer": {"size": int, "image_token": str, "image_token_id": int, "new_token_ids": [int]},
+    "?connector": dict,
     "config": dict,
     "?tensors": {"*": [int]},
     "?files": dict,
@@ -69,6 +70,7 @@ def build_manifest(model, tensors: dict, files: dict[str, dict], step: int | Non
         "format_version": FORMAT_VERSION,
         "library": {"name": "perceiver-vlm", "version": resampler.__version__},
         "vision": {
+            "kind": model.config.vision.kind,
             "name": model.config.vision.name,
             "pretrained": model.config.vision.pretrained,
             "width": model.vision.width,
@@ -88,6 +90,12 @@ def build_manifest(model, tensors: dict, files: dict[str, dict], step: int | Non
             "image_token": model.processor.image_token,
             "image_token_id": model.image_token_id,
             "new_token_ids": list(model.new_token_ids),
+        },
+        "connector": {  # also in "config"; spelled out for readers of the manifest
+            "order": model.config.projector.order,
+            "projector": model.config.projector.kind,
+            "injection": model.config.injection.mode,
+            "xattn_layers": model.xattn.layer_indices if model.xattn is not None else None,
         },
         "config": to_dict(model.config),
         "tensors": {k: list(v.shape) for k, v in tensors.items()},
