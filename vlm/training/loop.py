@@ -9,7 +9,9 @@ accumulation, clipping, an fp32/bf16/fp16 autocast choice, atomic checkpoints ev
 The model is anything whose ``model(**batch)`` returns an object with ``.loss``; its trainable
 parameters are those with ``requires_grad``. Launch N processes with
 ``torchrun --standalone --nproc_per_node N ...``: every rank sees its own slice of each global batch
-and gradients are averaged with one all-reduce per optimizer step (after accumulation).
+and gradients are averaged with one all-reduce per optimizer step (after accumulation). With
+``train.distributed=fsdp`` the model is sharded instead (`vlm.training.fsdp`: FSDP2 reduce-scatters the
+gradients in backward) and checkpoints are sharded (`vlm.training.sharded`).
 """
 
 from __future__ import annotations
@@ -26,8 +28,10 @@ import torch
 from torch import Tensor, nn
 
 from ..distributed import any_rank, average_gradients, broadcast_parameters, mean_over_ranks, rank, world_size
+from . import sharded
 from .batches import BatchStream
 from .config import TrainConfig, TrainResult
+from .fsdp import shard_model
 from .metrics import MetricLogger, progress_bar
 from .optim import build_optimizer, warmup_cosine
 from .state import CHECKPOINT_DIR, latest_checkpoint, load_checkpoint, save_checkpoint, set_seed
@@ -68,6 +72,13 @@ def train(
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     broadcast_parameters(trainable.values())
+    fsdp = config.distributed == "fsdp"
+    if fsdp:  # parameters become DTensors: rebuild what refers to them
+        model = shard_model(model, config)
+        trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        device = _model_device(model)
+    save, load = (sharded.save_checkpoint, sharded.load_checkpoint) if fsdp else (save_checkpoint, load_checkpoint)
+    weights = model if fsdp else trainable  # what the checkpoint functions read and restore
     optimizer = build_optimizer(model, config)
     schedule = warmup_cosine(config.max_steps, config.warmup_steps, config.min_lr_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
@@ -77,7 +88,7 @@ def train(
     start_step = 0
     ckpt = latest_checkpoint(out) if config.resume else None
     if ckpt is not None:
-        start_step = load_checkpoint(ckpt, trainable, optimizer, scheduler, scaler, stream)
+        start_step = load(ckpt, weights, optimizer, scheduler, scaler, stream)
     if main:
         out.mkdir(parents=True, exist_ok=True)
     logger = MetricLogger(out, start_step, config, enabled=main)
@@ -97,13 +108,15 @@ def train(
                 loss = model(**batch).loss
             if bad or not torch.isfinite(loss):  # keep consuming the step's micro-batches, skip their backward
                 bad = True
-                continue
+                if not fsdp:  # fsdp: every rank runs every backward (it holds collectives); the step is skipped
+                    continue
             scaler.scale(loss / config.grad_accum_steps).backward()
             step_loss += loss.item() / config.grad_accum_steps
             samples += _batch_size(batch)
         skip, grad_norm = any_rank(bad), math.nan
         if not skip:
-            average_gradients(trainable.values())
+            if not fsdp:
+                average_gradients(trainable.values())
             scaler.unscale_(optimizer)
             grad_norm = _clip(trainable.values(), config.max_grad_norm)
             skip = not math.isfinite(grad_norm) and not scaler.is_enabled()  # fp16: the scaler skips, rescales
@@ -112,7 +125,7 @@ def train(
             skipped, bad_in_row = skipped + 1, bad_in_row + 1
             _warn(f"train: skipped step {step + 1}: non-finite loss or gradient ({bad_in_row} in a row)")
             if bad_in_row >= config.max_bad_steps:
-                path = save_checkpoint(out, step, trainable, optimizer, scheduler, scaler, stream, config, run_config)
+                path = save(out, step, weights, optimizer, scheduler, scaler, stream, config, run_config)
                 raise FloatingPointError(
                     f"train: {bad_in_row} optimizer steps in a row had a non-finite loss or gradient "
                     f"(train.max_bad_steps={config.max_bad_steps}); stopped after step {step}. The last good state "
@@ -134,7 +147,7 @@ def train(
             progress.update(1)
             progress.set_postfix(loss=f"{step_loss:.4f}", refresh=False)
         if step == end_step or (config.checkpoint_every and step % config.checkpoint_every == 0):
-            save_checkpoint(out, step, trainable, optimizer, scheduler, scaler, stream, config, run_config)
+            save(out, step, weights, optimizer, scheduler, scaler, stream, config, run_config)
     if progress is not None:
         progress.close()
     logger.close(plot=config.plot and step == config.max_steps)
