@@ -12,13 +12,15 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from vlm.config import InjectionConfig
-from vlm.testing import tiny_images, tiny_vlm
+from vlm import VisionLanguageModel
+from vlm.config import InjectionConfig, LMConfig, VisionConfig
+from vlm.testing import register_tiny_clip, tiny_images, tiny_vlm, tiny_vlm_config
 from vlm.training import EpochLoader, TrainConfig, train
 
 TESTS = Path(__file__).parent
@@ -50,16 +52,42 @@ class CaptionData(torch.utils.data.Dataset):
         return {"image": self.images[i], "caption": self.captions[i % len(self.captions)]}
 
 
-def make(mode: str = "prefix", batch: int = 4, **sections):
-    """(model, loader) of one case; the same seeds on every rank and in every process."""
-    model = tiny_vlm("llama", injection=XATTN if mode == "cross_attention" else InjectionConfig(), **sections)
+class SlowLoader(EpochLoader):
+    """An EpochLoader that waits before each batch: a run slow enough to be killed mid-way."""
+
+    delay = 0.0
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            time.sleep(self.delay)
+            yield batch
+
+
+def make(mode: str = "prefix", batch: int = 4, delay: float = 0.0, qlora: str | None = None):
+    """(model, loader) of one case; the same seeds on every rank and in every process. ``qlora``: a
+    directory with ``lm/`` and ``vision.pt`` (see test_fsdp_qlora.py): its LM loaded in 4-bit."""
+    injection = XATTN if mode == "cross_attention" else InjectionConfig()
+    if qlora is None:
+        model = tiny_vlm("llama", injection=injection)
+    else:
+        torch.manual_seed(1)
+        model = VisionLanguageModel(qlora_config(Path(qlora), injection))
     prompt = "Caption:" if mode == "prefix" else "<image>Caption:"
 
     def collate(items):
         text = model.processor([prompt] * len(items), captions=[it["caption"] for it in items], num_images=1)
         return {"images": torch.stack([it["image"] for it in items]), **text}
 
-    return model, EpochLoader(CaptionData(model.tokenizer), batch, collate, seed=0)
+    loader = SlowLoader(CaptionData(model.tokenizer), batch, collate, seed=0)
+    loader.delay = delay
+    return model, loader
+
+
+def qlora_config(root: Path, injection: InjectionConfig):
+    """The tiny VLM over ``root/lm`` loaded in 4-bit nf4 with fp32 quant storage (fp32 on CPU)."""
+    lm = LMConfig(name_or_path=str(root / "lm"), quantization="4bit", bnb_4bit_quant_storage="float32")
+    vision = VisionConfig(name=register_tiny_clip(), pretrained=str(root / "vision.pt"))
+    return tiny_vlm_config("llama", lm=lm, vision=vision, injection=injection)
 
 
 def config(**kw) -> TrainConfig:
@@ -90,21 +118,28 @@ WORKER = textwrap.dedent(
     from vlm.distributed import init_distributed
     rank, world = init_distributed()
     assert world == 2, world
+    open({out!r} + f"/pid{{rank}}", "w").write(str(__import__("os").getpid()))  # torchrun gives workers own sessions
     for name, mode, batch, kw, train_kw in {jobs!r}:
-        model, loader = t.make(mode, batch)
+        model, loader = t.make(mode, batch, train_kw.pop("delay", 0.0), train_kw.pop("qlora", None))
         result = t.train(model, loader, t.config(**kw), {out!r} + "/" + name, **train_kw)
         record = {{"params": t.trained(model), "losses": result.losses, "history": result.history}}
-        record["sharded"] = any(type(p).__name__ == "DTensor" for p in model.parameters())
+        record["sharded"] = sorted(n for n, p in model.named_parameters() if type(p).__name__ == "DTensor")
+        record["tower_whole"] = all(type(p).__name__ != "DTensor" for p in model.vision.parameters())
         torch.save(record, {out!r} + f"/{{name}}-rank{{rank}}.pt")
     """
 )
 
 
+def torchrun_command(tmp_path: Path, jobs: list, script: str = "worker.py") -> list[str]:
+    """The torchrun command of ``jobs`` (name, mode, per-rank batch, TrainConfig overrides, train() kwargs
+    plus an optional per-batch ``delay``) on 2 ranks; results go to ``tmp_path/<name>-rank<r>.pt``."""
+    path = tmp_path / script
+    path.write_text(WORKER.format(tests=str(TESTS), jobs=jobs, out=str(tmp_path)))
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(path)]
+
+
 def torchrun(tmp_path: Path, jobs: list, timeout: int = 600) -> dict[str, list[dict]]:
-    """Run ``jobs`` (name, mode, per-rank batch, TrainConfig overrides, train() kwargs) on 2 ranks."""
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER.format(tests=str(TESTS), jobs=jobs, out=str(tmp_path)))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    cmd = torchrun_command(tmp_path, jobs)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env())
     assert proc.returncode == 0, proc.stderr[-4000:]
     return {name: [torch.load(tmp_path / f"{name}-rank{r}.pt") for r in range(2)] for name, *_ in jobs}
@@ -122,8 +157,8 @@ def assert_same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], lab
         torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-5, msg=f"{label}: {name}")
 
 
-def one_process(tmp_path: Path, name: str, mode: str = "prefix", **kw):
-    model, loader = make(mode, batch=4)
+def one_process(tmp_path: Path, name: str, mode: str = "prefix", qlora: str | None = None, **kw):
+    model, loader = make(mode, batch=4, qlora=qlora)
     result = train(model, loader, config(**kw), tmp_path / name)
     return model, result
 
@@ -146,7 +181,9 @@ def test_two_ranks_fsdp_and_ddp_match_one_process(prefix_runs, tmp_path):
     want = trained(model)
     assert any(".lora_" in n for n in want) and any(n.startswith("resampler.") for n in want)
     assert all(row["grad_norm"] > 0.05 for row in single.history)  # clipping acts on every step
-    assert ranks["fsdp"][0]["sharded"] and not ranks["ddp"][0]["sharded"]
+    sharded = ranks["fsdp"][0]["sharded"]
+    assert not ranks["ddp"][0]["sharded"] and ranks["fsdp"][0]["tower_whole"]  # the frozen tower is not sharded
+    assert set(want) <= set(sharded) and any(".layers.1.mlp" in n for n in sharded)  # trainable and frozen LM
     for kind in ("ddp", "fsdp"):
         for r in range(2):
             assert_same(ranks[kind][r]["params"], want, f"{kind} rank {r}")

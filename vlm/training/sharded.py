@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,15 @@ def _options():
     return StateDictOptions(ignore_frozen_params=True, strict=False)  # not strict: buffers are not stored
 
 
+def _dcp(method: str, state: dict[str, Any], path: Path) -> None:
+    """``dcp.save`` / ``dcp.load`` of ``state`` at ``path``, without a process group in a lone process."""
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():  # a lone process is meant to use no process group: say nothing
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        getattr(dcp, method)(state, checkpoint_id=path, no_dist=not is_distributed())
+
+
 def _trainable_names(model: nn.Module) -> list[str]:
     return sorted(n for n, p in model.named_parameters() if p.requires_grad)
 
@@ -88,8 +98,6 @@ def save_checkpoint(
 ) -> Path | None:
     """Write ``checkpoints/step_XXXXXXX`` (every rank calls), point ``latest`` at it, keep the newest
     ``config.keep_checkpoints``. Returns the directory on rank 0, None elsewhere."""
-    import torch.distributed.checkpoint as dcp
-
     state = _state(model, optimizer)
     rank_states = gather_objects({"rng": _rng_state(), "data": stream.state_dict()})
     root = Path(output_dir) / CHECKPOINT_DIR
@@ -97,7 +105,7 @@ def save_checkpoint(
     with ExitStack() as stack:
         tmp = stack.enter_context(atomic_directory(final)) if rank() == 0 else None
         tmp = Path(broadcast_object(None if tmp is None else str(tmp)))
-        dcp.save(state, checkpoint_id=tmp / SHARDS, no_dist=not is_distributed())
+        _dcp("save", state, tmp / SHARDS)
         if rank() == 0:
             torch.save({"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()}, tmp / "extra.pt")
             torch.save([s["rng"] for s in rank_states], tmp / "rng.pt")
@@ -136,7 +144,6 @@ def _read_state(path: Path, model: nn.Module) -> dict[str, Any]:
 def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, scaler, stream: BatchStream) -> int:
     """Restore weights, optimizer, scheduler, scaler, data position (and RNG on the same world size)
     from a sharded checkpoint, whatever world size wrote it; returns its step (every rank calls)."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
     path = Path(path)
@@ -145,7 +152,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, scaler, 
     rng = _read_checkpoint_file(path / "rng.pt", _safe_torch_load)
     target = _state(model, optimizer)
     try:
-        dcp.load(target, checkpoint_id=path / SHARDS, no_dist=not is_distributed())
+        _dcp("load", target, path / SHARDS)
     except Exception as err:  # DCP wraps every reader error in its own CheckpointException
         raise ValueError(f"resume: {path / SHARDS} could not be read ({str(err).splitlines()[0][:200]})") from None
     set_model_state_dict(model, target["model"], options=_options())
@@ -167,12 +174,11 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, scaler, 
 def load_weights(path: str | Path, model: nn.Module) -> int:
     """Only the trainable weights of a sharded checkpoint into ``model`` (sharded or plain, e.g. one CPU
     process to export an adapter with ``model.save_adapter``); returns the checkpoint's step."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
     path = Path(path)
     state = _read_state(path, model)
     target = _state(model, None)
-    dcp.load(target, checkpoint_id=path / SHARDS, no_dist=not is_distributed())
+    _dcp("load", target, path / SHARDS)
     set_model_state_dict(model, target["model"], options=_options())
     return int(state["step"])
