@@ -116,14 +116,24 @@ WORKER = textwrap.dedent(
     sys.path.insert(0, {tests!r})
     import test_fsdp as t
     from vlm.distributed import init_distributed
+    from vlm.training.fsdp import export_adapter
     rank, world = init_distributed()
     assert world == 2, world
     open({out!r} + f"/pid{{rank}}", "w").write(str(__import__("os").getpid()))  # torchrun gives workers own sessions
     for name, mode, batch, kw, train_kw in {jobs!r}:
         model, loader = t.make(mode, batch, train_kw.pop("delay", 0.0), train_kw.pop("qlora", None))
+        export = train_kw.pop("export", False)
+        if train_kw.pop("perturb", False) and rank == 1:  # the trainer must start every rank from rank 0's weights
+            with torch.no_grad():
+                for p in model.parameters():
+                    if p.requires_grad:
+                        p.add_(0.5)
         result = t.train(model, loader, t.config(**kw), {out!r} + "/" + name, **train_kw)
+        if export:
+            export_adapter(model, {out!r} + "/" + name + "/adapter")
         record = {{"params": t.trained(model), "losses": result.losses, "history": result.history}}
         record["sharded"] = sorted(n for n, p in model.named_parameters() if type(p).__name__ == "DTensor")
+        record["env"] = {{k: __import__("os").environ.get(k) for k in ("RANK", "GROUP_RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}}
         record["tower_whole"] = all(type(p).__name__ != "DTensor" for p in model.vision.parameters())
         torch.save(record, {out!r} + f"/{{name}}-rank{{rank}}.pt")
     """
@@ -169,7 +179,7 @@ def prefix_runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fsdp_prefix")
     jobs = [
         ("ddp", "prefix", 2, {}, {}),
-        ("fsdp", "prefix", 2, {"distributed": "fsdp"}, {}),
+        ("fsdp", "prefix", 2, {"distributed": "fsdp"}, {"export": True, "perturb": True}),
         ("cut", "prefix", 2, {"distributed": "fsdp"}, {"stop_after": 2}),
     ]
     return tmp, torchrun(tmp, jobs)
@@ -238,3 +248,17 @@ def test_fsdp_refuses_fp16():
         TrainConfig(distributed="fsdp", precision="fp16")
     with pytest.raises(ValueError, match="train.distributed"):
         TrainConfig(distributed="deepspeed")
+
+
+def test_adapter_exported_from_sharded_model_loads_in_one_process(prefix_runs, tmp_path):
+    from vlm.checkpoint import read_weights
+    from vlm.testing import tiny_parts
+
+    tmp, ranks = prefix_runs
+    model, _ = one_process(tmp_path, "single")
+    model.save_adapter(tmp_path / "single_adapter")
+    exported, want = read_weights(tmp / "fsdp" / "adapter"), read_weights(tmp_path / "single_adapter")
+    assert_same(exported, want, "exported adapter")  # same tensors, names and shapes as the ordinary format
+    clip, preprocess, lm, tokenizer = tiny_parts("llama")
+    loaded = VisionLanguageModel.load_adapter(tmp / "fsdp" / "adapter", clip, lm, tokenizer, preprocess=preprocess)
+    assert_same(trained(loaded), trained(model), "loaded adapter")

@@ -21,6 +21,7 @@ from ..data.reader import CaptionLoader
 from ..distributed import init_distributed, print0, rank
 from ..model import VisionLanguageModel
 from ..training import TrainResult, set_seed, train
+from ..training.fsdp import export_adapter
 from .assets import prepare, split_spec
 from .config import RunConfig
 from .evaluate import run_evaluation
@@ -56,7 +57,7 @@ def train_loader(cfg: RunConfig, model: VisionLanguageModel) -> CaptionLoader:
 
 
 def run_training(cfg: RunConfig, model: VisionLanguageModel | None = None) -> tuple[VisionLanguageModel, TrainResult]:
-    """Train and write ``<output_dir>/adapter`` (the adapter-only checkpoint) on rank 0."""
+    """Train and write ``<output_dir>/adapter`` (the adapter-only checkpoint) on rank 0 (every rank calls)."""
     model = build_model(cfg) if model is None else model
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
@@ -67,8 +68,8 @@ def run_training(cfg: RunConfig, model: VisionLanguageModel | None = None) -> tu
     start = time.perf_counter()
     result = train(model, train_loader(cfg, model), cfg.train, cfg.out, seed=cfg.seed, run_config=to_dict(cfg))
     seconds = time.perf_counter() - start
-    if rank() == 0 and result.step == cfg.train.max_steps:
-        model.save_adapter(cfg.out / "adapter")
+    if result.step == cfg.train.max_steps:
+        export_adapter(model, cfg.out / "adapter")  # rank 0 writes; a sharded model is gathered first
     tail = result.losses[-20:] or [float("nan")]
     print0(f"train: {result.step} steps, last loss {sum(tail) / len(tail):.4f}, {seconds:.1f} s this call")
     return model, result

@@ -35,6 +35,7 @@ sharded run. `export_adapter` writes the ordinary adapter format from a sharded 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,7 +43,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..distributed import barrier, is_distributed, print0, rank, world_size
+from ..distributed import barrier, broadcast_parameters, is_distributed, print0, rank, world_size
 from .config import TrainConfig
 
 __all__ = ["shard_model", "is_sharded", "mixed_precision", "full_parameters", "export_adapter"]
@@ -89,13 +90,17 @@ def _units(model: nn.Module) -> list[nn.Module]:
 def shard_model(model: nn.Module, config: TrainConfig) -> nn.Module:
     """Shard ``model`` in place over the process group's ranks (see the module docstring); returns it.
 
-    Parameters become DTensors: rebuild anything that holds the old ones (the trainable dict, the
-    optimizer) after this call. Every rank must hold the same weights before it (the trainer
-    broadcasts the trainable ones from rank 0; frozen ones come from the same checkpoint).
+    Rank 0's trainable weights are broadcast first (as under ddp); frozen ones must already agree (the
+    same checkpoint on every rank). Parameters become DTensors: rebuild anything that holds the old
+    ones (the trainable dict, the optimizer) after this call. A model sharded already is returned as
+    it is, so a caller may shard before `train` (to free each rank's full copy early).
     """
     if not is_distributed():
         print0("train: distributed=fsdp in a single process: nothing to shard, checkpoints are still sharded")
         return model
+    if is_sharded(model):
+        return model
+    broadcast_parameters(p for p in model.parameters() if p.requires_grad)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -107,6 +112,11 @@ def shard_model(model: nn.Module, config: TrainConfig) -> nn.Module:
     ignored = set(tower.parameters()) if isinstance(tower, nn.Module) else set()
     if tower is not None and ignored:
         tower.to(device)  # FSDP moves what it shards to the mesh's device, not what it ignores
+    # The connector's outputs are views (reshapes); the VLM copies them into the LM's inputs and never
+    # modifies them in place, which is the case FSDP2 warns about on every forward.
+    warnings.filterwarnings(
+        "ignore", message=r"FSDP2-wrapped module \(FSDP(PerceiverResampler|Sequential|Linear)\) returned a view"
+    )
     units = _units(model)
     for unit in units:
         fully_shard(unit, mesh=mesh, mp_policy=policy)

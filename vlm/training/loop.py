@@ -71,9 +71,10 @@ def train(
         raise ValueError("train: the model has no parameter with requires_grad=True; nothing to train")
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    broadcast_parameters(trainable.values())
     fsdp = config.distributed == "fsdp"
-    if fsdp:  # parameters become DTensors: rebuild what refers to them
+    if not fsdp:
+        broadcast_parameters(trainable.values())
+    else:  # broadcast, then shard (unless sharded already); parameters become DTensors: rebuild what refers to them
         model = shard_model(model, config)
         trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
         device = _model_device(model)
