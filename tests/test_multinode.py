@@ -45,3 +45,14 @@ def test_two_nodes_through_c10d_rendezvous_match_one_process(tmp_path):
         for r, record in enumerate(ranks):
             assert_same(record["params"], want, f"{kind} node rank {r}")
         torch.testing.assert_close(torch.tensor(ranks[0]["losses"]), torch.tensor(single.losses), rtol=1e-5, atol=1e-6)
+
+
+def test_launcher_is_torchrun_only_for_a_world_of_several(monkeypatch):
+    from vlm.distributed import init_distributed, launcher
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert launcher() is None and init_distributed() == (0, 1)  # a lone process joins no group
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert launcher() is None
+    monkeypatch.setenv("WORLD_SIZE", "4")  # what torchrun exports on every machine of a 4-process job
+    assert launcher() == "torchrun"
