@@ -262,3 +262,14 @@ def test_adapter_exported_from_sharded_model_loads_in_one_process(prefix_runs, t
     clip, preprocess, lm, tokenizer = tiny_parts("llama")
     loaded = VisionLanguageModel.load_adapter(tmp / "fsdp" / "adapter", clip, lm, tokenizer, preprocess=preprocess)
     assert_same(trained(loaded), trained(model), "loaded adapter")
+
+
+def test_trainable_weights_of_a_sharded_checkpoint_load_into_a_plain_model(prefix_runs):
+    from vlm.training.sharded import load_weights
+
+    tmp, ranks = prefix_runs
+    model, _ = make("prefix")
+    assert load_weights(tmp / "cut" / "checkpoints" / "step_0000002", model) == 2
+    assert_same(trained(model), ranks["cut"][0]["params"], "load_weights")  # the 2-rank run's state at step 2
+    with pytest.raises(ValueError, match="train.distributed=fsdp"):
+        load_weights(tmp / "ddp" / "checkpoints" / "step_0000004", model)  # a ddp checkpoint is not sharded
