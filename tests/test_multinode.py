@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from test_fsdp import WORKER, TESTS, assert_same, env, one_process, trained
+from test_fsdp import TESTS, WORKER, assert_same, env, one_process, trained
 
 
 def free_port() -> int:
