@@ -85,19 +85,11 @@ def _state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[st
     return state
 
 
-def save_checkpoint(
-    output_dir: Path,
-    step: int,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler,
-    scaler,
-    stream: BatchStream,
-    config: TrainConfig,
-    run_config: dict[str, Any] | None,
-) -> Path | None:
+def save_checkpoint(output_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
+                    scaler, stream: BatchStream, config: TrainConfig, run_config: dict | None) -> Path | None:  # fmt: skip
     """Write ``checkpoints/step_XXXXXXX`` (every rank calls), point ``latest`` at it, keep the newest
-    ``config.keep_checkpoints``. Returns the directory on rank 0, None elsewhere."""
+    ``config.keep_checkpoints``. Returns the directory on rank 0, None elsewhere. The arguments are
+    those of `vlm.training.state.save_checkpoint`, with the model in place of the trainable dict."""
     state = _state(model, optimizer)
     rank_states = gather_objects({"rng": _rng_state(), "data": stream.state_dict()})
     root = Path(output_dir) / CHECKPOINT_DIR
