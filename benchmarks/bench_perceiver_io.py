@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -179,14 +180,23 @@ def train_fn(module, call, x):
     return run
 
 
-def run(size: Size, repeats: int = 3, warmup: int = 1, memory: bool = True, input_grad: bool = False) -> dict:
+def run(
+    size: Size,
+    repeats: int = 3,
+    warmup: int = 2,
+    memory: bool = True,
+    input_grad: bool = False,
+    clock=time.perf_counter,
+) -> dict:
+    """``clock=time.process_time`` with one torch thread counts only this process's CPU time (a shared machine)."""
     models = build_all(size)
     parity = check_parity(models, size)
     torch.manual_seed(2)
     x = torch.randn(size.batch, size.inputs, size.input_dim)
     xg = x.clone().requires_grad_(input_grad)
-    forward = interleaved_ms({n: forward_fn(c, x) for n, (m, c) in models.items()}, warmup=warmup, repeats=repeats)
-    train = interleaved_ms({n: train_fn(m, c, xg) for n, (m, c) in models.items()}, warmup=warmup, repeats=repeats)
+    timed = {"warmup": warmup, "repeats": repeats, "clock": clock}
+    forward = interleaved_ms({n: forward_fn(c, x) for n, (m, c) in models.items()}, **timed)
+    train = interleaved_ms({n: train_fn(m, c, xg) for n, (m, c) in models.items()}, **timed)
     rows = {}
     for name in models:
         rows[name] = {
@@ -255,12 +265,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--inputs", type=int, default=None, help="override M")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     parser.add_argument("--input-grad", action="store_true", help="fwd+bwd also computes the inputs' gradient")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="cpu = process CPU time")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     size = SMOKE if args.smoke else Size()
     if args.inputs:
         size.inputs = args.inputs
-    result = run(size, repeats=args.repeats, memory=not args.no_memory, input_grad=args.input_grad)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    result = run(size, repeats=args.repeats, memory=not args.no_memory, input_grad=args.input_grad, clock=clock)
     return report(result, format_table(result), args.json)
 
 

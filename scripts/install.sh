@@ -15,6 +15,9 @@ install_deps() {  # $1: venv dir
   "$1/bin/pip" install --quiet --upgrade pip setuptools wheel
   "$1/bin/pip" install --quiet "torch==2.14.1" "torchvision==0.29.1"
   "$1/bin/pip" install --quiet ".[dev,eval,bench]"
+  # open-flamingo pins old torch/transformers; its code runs on ours (it needs einops, einops-exts: the
+  # bench extra). Only the OpenFlamingo parity tests import it; vlm.convert.load_open_flamingo does not.
+  "$1/bin/pip" install --quiet --no-deps "open-flamingo==2.0.1"
   "$1/bin/pip" uninstall --quiet -y perceiver-vlm
 }
 

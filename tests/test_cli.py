@@ -66,8 +66,9 @@ def test_caption_command_on_image_files(overfit_run, capsys, tmp_path):
     path = tmp_path / "scene.png"
     scene.image.save(path)
     main_caption([*args, "--images", str(path)])
-    line = capsys.readouterr().out.strip().splitlines()[-1]
-    assert line.startswith(f"{path}: ") and len(line) > len(str(path)) + 5
+    lines = capsys.readouterr().out.strip().splitlines()
+    line = next(x for x in lines if x.startswith(f"{path}: "))
+    assert len(line) > len(str(path)) + 5 and lines[-1] == "captioned 1 images; skipped 0"
 
 
 def test_make_shards_and_precompute_features_commands(tmp_path):

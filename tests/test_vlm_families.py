@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vlm import LM_FAMILIES, InjectionConfig, LoRAConfig, VisionLanguageModel
+from vlm import LM_FAMILIES, InjectionConfig, VisionLanguageModel
 from vlm.registry import decoder_layers
 from vlm.testing import (
     TINY_FAMILIES,
@@ -96,33 +96,64 @@ def test_registry_entry_matches_a_tiny_model(family):
     assert set(LM_FAMILIES[family].lora_targets) <= names
 
 
-def test_unregistered_family_needs_all_linear_and_then_works():
+_UNREGISTERED = {
+    "bloom": {"hidden_size": 32, "n_layer": 2, "n_head": 4},
+    "gpt_bigcode": {"n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 256},
+    "cohere": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64},
+    "glm4": {
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "intermediate_size": 64,
+        "head_dim": 8,
+    },
+}
+
+
+@pytest.mark.parametrize("family", sorted(_UNREGISTERED))
+def test_unregistered_family_trains_with_all_linear_lora_by_default(family, caplog):
+    """Regression: a family outside the registry used to be refused unless lora.target_modules was set."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    assert "bloom" not in LM_FAMILIES
+    assert family not in LM_FAMILIES
     tok = tiny_tokenizer()
     config = AutoConfig.for_model(
-        "bloom", vocab_size=len(tok), hidden_size=32, n_layer=2, n_head=4, pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        family, vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, **_UNREGISTERED[family],
     )  # fmt: skip
     torch.manual_seed(0)
     clip, _ = tiny_clip()
-    with pytest.raises(ValueError, match=r"'bloom' is not in vlm.registry.LM_FAMILIES.*all-linear"):
-        VisionLanguageModel.from_parts(clip, AutoModelForCausalLM.from_config(config), tok, tiny_vlm_config("bloom"))
+    lm = AutoModelForCausalLM.from_config(config)
+    head = lm.get_output_embeddings()
+    linear = {n for n, m in lm.named_modules() if isinstance(m, torch.nn.Linear) and m is not head}
+    with caplog.at_level("INFO", logger="vlm.registry"):
+        model = VisionLanguageModel.from_parts(clip, lm, tok, tiny_vlm_config(family))
+    assert "all-linear" in caplog.text and repr(family) in caplog.text
+    wrapped = {n for n, m in model.language_model.named_modules() if hasattr(m, "lora_A")}
+    assert wrapped == linear  # LoRA on every linear layer but the output head
+    batch = model.processor(["Caption:"], captions=["a red circle"], num_images=1)
+    model(images=tiny_images(1), **batch).loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad and "lora_B" in n)
+    assert len(model.generate(tiny_images(1), "Caption:", max_new_tokens=3)) == 1
+
+
+def test_unregistered_family_cross_attention_needs_the_layer_path():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tok = tiny_tokenizer()
+    config = AutoConfig.for_model("bloom", vocab_size=len(tok), eos_token_id=tok.eos_token_id, **_UNREGISTERED["bloom"])
+    clip, _ = tiny_clip()
     with pytest.raises(ValueError, match=r"gated cross-attention needs the decoder-layer path of LM family 'bloom'"):
         VisionLanguageModel.from_parts(
             clip,
             AutoModelForCausalLM.from_config(config),
-            tiny_tokenizer(),
+            tok,
             tiny_vlm_config("bloom", injection=InjectionConfig(**XATTN)),
         )
+    injection = InjectionConfig(**XATTN, decoder_layers="transformer.h")
     model = VisionLanguageModel.from_parts(
-        clip,
-        AutoModelForCausalLM.from_config(config),
-        tiny_tokenizer(),
-        tiny_vlm_config("bloom", lora=LoRAConfig(r=4, target_modules=["all-linear"])),
+        clip, AutoModelForCausalLM.from_config(config), tiny_tokenizer(), tiny_vlm_config("bloom", injection=injection)
     )
-    assert any("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+    assert len(model.xattn.blocks) == 2
     batch = model.processor(["Caption:"], captions=["a red circle"], num_images=1)
     model(images=tiny_images(1), **batch).loss.backward()
-    assert len(model.generate(tiny_images(1), "Caption:", max_new_tokens=3)) == 1

@@ -1,4 +1,5 @@
-"""Flamingo gated cross-attention: identity at init, latest-image routing, KV-cache decoding, weights kept."""
+"""Flamingo gated cross-attention: identity at init, latest-image routing, placement and gate variants,
+generation with and without a KV cache, media never outliving a call, weights kept."""
 
 from __future__ import annotations
 
@@ -8,19 +9,21 @@ import pytest
 import torch
 
 from vlm import InjectionConfig, LoRAConfig, VisionLanguageModel
+from vlm.gated_xattn import latest_image_index
 from vlm.testing import tiny_clip, tiny_images, tiny_lm, tiny_tokenizer, tiny_vlm_config
 
 
-def _build(family="llama", lora=False, every_k=1):
+def _build(family="llama", lora=False, every_k=1, **injection):
     """(VLM in cross_attention mode, an untouched copy of its base LM)."""
     tok = tiny_tokenizer()
     tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
     lm = tiny_lm(family, tok)
     base = copy.deepcopy(lm).eval()
     clip, preprocess = tiny_clip()
+    injection = {"xattn_heads": 2, "xattn_head_dim": 8, **injection}
     config = tiny_vlm_config(
         family,
-        injection=InjectionConfig(mode="cross_attention", every_k_layers=every_k, xattn_heads=2, xattn_head_dim=8),
+        injection=InjectionConfig(mode="cross_attention", every_k_layers=every_k, **injection),
         lora=LoRAConfig(enabled=lora, r=4),
     )
     torch.manual_seed(1)
@@ -46,44 +49,165 @@ def test_gates_at_zero_give_the_base_lm_exactly(family):
     assert names == set(base.state_dict())
 
 
-def test_each_token_sees_only_the_latest_preceding_image():
-    model, base = _build(every_k=1)
-    _open_gates(model)
-    prompt = "the quick <image>brown fox <image>jumps over"
-    batch = model.processor([prompt], num_images=2)
-    ids = batch["input_ids"][0]
-    first, second = (ids == model.image_token_id).nonzero()[:, 0].tolist()
-    images = tiny_images(2, seed=1)
-    ref = model(images=images, **batch).logits[0]
-    changed_first = images.clone()
-    changed_first[0] += 1.0
-    alt = model(images=changed_first, **batch).logits[0]
-    # before any image: the base LM, untouched
-    plain = base(input_ids=batch["input_ids"]).logits[0]
-    assert torch.equal(ref[:first], plain[:first])
-    # changing image 0 changes tokens from image 0 up to image 1 only ...
-    assert (ref[first:second] - alt[first:second]).abs().amax(-1).min() > 1e-4
-    # ... tokens after image 1 (which attend only to image 1) do change through earlier hidden states
-    # in deeper layers, so test the first cross-attended layer in isolation:
+def _first_block_outputs(model, batch, *image_sets):
     captured = []
     hook = model.xattn.blocks[0].register_forward_hook(lambda m, a, out: captured.append(out.detach()))
-    model(images=images, **batch)
-    model(images=changed_first, **batch)
-    hook.remove()
-    delta = (captured[0] - captured[1])[0].abs().amax(-1)  # (L,) at layer 0
+    try:
+        for images in image_sets:
+            model(images=images, **batch)
+    finally:
+        hook.remove()
+    return captured
+
+
+@pytest.mark.parametrize("ff_scope", ["all", "after_image"])
+def test_each_token_sees_only_the_latest_preceding_image(ff_scope):
+    model, base = _build(every_k=1, xattn_ff_scope=ff_scope)
+    _open_gates(model)
+    batch = model.processor(["the quick <image>brown fox <image>jumps over"], num_images=2)
+    first, second = (batch["input_ids"][0] == model.image_token_id).nonzero()[:, 0].tolist()
+    images = tiny_images(2, seed=1)
+    changed_first = images.clone()
+    changed_first[0] += 1.0
+    ref, alt = (model(images=x, **batch).logits[0] for x in (images, changed_first))
+    plain = base(input_ids=batch["input_ids"]).logits[0]
+    if ff_scope == "after_image":  # before any image: the base LM, untouched
+        assert torch.equal(ref[:first], plain[:first])
+    else:  # the FF branch updates every token, as OpenFlamingo and IDEFICS do
+        assert (ref[:first] - plain[:first]).abs().amax(-1).min() > 1e-4
+    assert torch.equal(ref[:first], alt[:first])  # no token before image 0 sees it
+    assert (ref[first:second] - alt[first:second]).abs().amax(-1).min() > 1e-4
+    # in the first cross-attended layer (deeper layers mix positions) image 0 reaches exactly [first, second)
+    out = _first_block_outputs(model, batch, images, changed_first)
+    delta = (out[0] - out[1])[0].abs().amax(-1)  # (L,)
     assert delta[:first].max() == 0 and delta[second:].max() == 0 and delta[first:second].min() > 0
 
 
-def test_generation_with_kv_cache_equals_without():
+def test_text_only_batch_runs_the_ff_branch_only_when_reference_semantics():
+    batch_text = ["no image at all here"]
+    for scope, equal in (("all", False), ("after_image", True)):
+        model, base = _build(xattn_ff_scope=scope)
+        _open_gates(model)
+        batch = model.processor(batch_text)
+        got = model(**batch).logits
+        assert torch.equal(got, base(**batch).logits) == equal
+
+
+@pytest.mark.parametrize(
+    ("placement", "every_k", "want"), [("first", 2, [0, 2]), ("last", 2, [1, 3]), ("last", 1, [0, 1, 2, 3])]
+)
+def test_placement_of_the_blocks(placement, every_k, want):
+    tok = tiny_tokenizer()
+    lm = tiny_lm("llama", tok, num_hidden_layers=4)
+    clip, _ = tiny_clip()
+    injection = InjectionConfig(
+        mode="cross_attention", every_k_layers=every_k, xattn_layers=placement, xattn_heads=2, xattn_head_dim=8
+    )
+    model = VisionLanguageModel.from_parts(clip, lm, tok, tiny_vlm_config("llama", injection=injection))
+    assert model.xattn.layer_indices == want
+    ran = []
+    for i in want:
+        model.language_model.model.layers[i].register_forward_pre_hook(lambda m, a, i=i: ran.append(i))
+    model(images=tiny_images(1), **model.processor(["<image>a"]))
+    assert ran == want
+
+
+def test_vector_gates_rmsnorm_gated_mlp_and_qk_norm_variant():
+    model, base = _build(
+        xattn_gate="vector", xattn_norm="rmsnorm", xattn_ff_gated=True, xattn_ff_activation="silu",
+        xattn_ff_bias=False, xattn_out_bias=False, xattn_qk_norm="rmsnorm",
+    )  # fmt: skip
+    block = model.xattn.blocks[0]
+    assert block.attn_gate.shape == (32,) and isinstance(block.norm_attn, torch.nn.RMSNorm)
+    assert block.attn.q_norm is not None and block.ff.fc2.bias is None and block.attn.to_out.bias is None
+    batch = model.processor(["<image>a red circle"])
+    images = tiny_images(1)
+    assert torch.equal(model(images=images, **batch).logits, base(**batch).logits)  # gates at 0
+    with torch.no_grad():
+        block.attn_gate[:16] = 1.0  # half the channels open
+    captured = _first_block_outputs(model, batch, images)[0]
+    moved = (captured - model.language_model.get_input_embeddings()(batch["input_ids"])).abs().amax(dim=(0, 1))
+    assert moved[16:].max() == 0 and moved[:16].min() > 0
+
+
+def test_latest_image_index_equals_the_idefics_processor_mask():
+    """The IDEFICS processor's image_attention_mask: latest image, none after an eos until the next image."""
+    from transformers.models.idefics.processing_idefics import image_attention_mask_for_packed_input_ids_pt
+
+    class Tok:
+        eos_token_id = 2
+
+        def convert_tokens_to_ids(self, token):
+            return 9
+
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 9, (6, 40), generator=gen)
+    ids[torch.rand(6, 40, generator=gen) < 0.15] = 9
+    ids[torch.rand(6, 40, generator=gen) < 0.1] = 2
+    ids[0, :3] = torch.tensor([2, 9, 2])
+    want, _ = image_attention_mask_for_packed_input_ids_pt(ids.clone(), Tok())
+    torch.testing.assert_close(latest_image_index(ids, 9, reset_token_id=2), want, rtol=0, atol=0)
+    assert torch.equal(latest_image_index(ids, 9), (ids == 9).long().cumsum(-1) - 1)
+
+
+def _step_logits(model, **generate_kwargs):
+    """Last-position logits of every LM call during one ``generate``."""
+    seen = []
+    head = model.language_model.get_output_embeddings()
+    hook = head.register_forward_hook(lambda m, a, out: seen.append(out[:, -1].detach()))
+    try:
+        texts = model.generate(**generate_kwargs)
+    finally:
+        hook.remove()
+    return texts, seen
+
+
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_generation_without_a_cache_equals_with_one(num_beams):
+    """Regression: without a KV cache every step re-runs the whole sequence; each token must still see
+    its own latest image, not the last one (text before and between images)."""
     model, _ = _build(lora=True, every_k=1)
-    _open_gates(model, 0.5)
-    images = tiny_images(2, seed=2)
-    prompts = ["Caption:", "<image>Question: What is in this picture? Answer:"]
-    cached = model.generate(images, prompts, max_new_tokens=6)
-    uncached = model.generate(images, prompts, max_new_tokens=6, use_cache=False)
+    _open_gates(model, 0.8)
+    images = tiny_images(3, seed=2)
+    kwargs = {
+        "images": [[images[0], images[1]], [images[2]]],
+        "prompts": ["the quick <image>brown fox <image>jumps", "Question: <image>What is in this picture?"],
+        "max_new_tokens": 5,
+        "num_beams": num_beams,
+    }
+    cached, cached_logits = _step_logits(model, **kwargs)
+    uncached, uncached_logits = _step_logits(model, **kwargs, use_cache=False)
     assert cached == uncached
-    assert cached == [model.generate(images[i : i + 1], [prompts[i]], max_new_tokens=6)[0] for i in range(2)]
-    assert len(model.generate(images, prompts, max_new_tokens=3, num_beams=2)) == 2
+    assert len(cached_logits) == len(uncached_logits)
+    for a, b in zip(cached_logits, uncached_logits):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_generation_equals_a_step_by_step_forward():
+    model, _ = _build(every_k=1)
+    _open_gates(model, 0.8)
+    images = tiny_images(2, seed=3)
+    prompt = "the quick <image>brown <image>fox"
+    new = model.generate_ids(**model.processor([prompt], padding_side="left"), images=images, max_new_tokens=5)
+    batch = model.processor([prompt])
+    ids = batch["input_ids"]
+    for _ in range(5):
+        logits = model(images=images, input_ids=ids).logits[:, -1]
+        logits[:, model.image_token_id] = -float("inf")  # generate's bad_words_ids
+        ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(new, ids[:, batch["input_ids"].shape[1] :])
+
+
+def test_media_do_not_outlive_a_call():
+    """Regression: after a call with images, the LM alone is the text-only LM again (no stale images,
+    no batch-size error)."""
+    model, base = _build(every_k=1)
+    _open_gates(model)
+    model(images=tiny_images(4), **model.processor(["<image>a <image>b", "<image>c <image>d"]))
+    text = model.processor(["a red circle"])
+    torch.testing.assert_close(model.lm(**text).logits, base(**text).logits, rtol=0, atol=0)
+    model.generate(tiny_images(1), "Caption:", max_new_tokens=2)
+    torch.testing.assert_close(model.lm(**text).logits, base(**text).logits, rtol=0, atol=0)
 
 
 def test_gates_and_blocks_train_and_round_trip(tmp_path):

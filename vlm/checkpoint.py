@@ -54,6 +54,7 @@ def _manifest(model) -> dict:
         "format_version": FORMAT_VERSION,
         "library": {"name": "perceiver-vlm", "version": resampler.__version__},
         "vision": {
+            "kind": model.config.vision.kind,
             "name": model.config.vision.name,
             "pretrained": model.config.vision.pretrained,
             "width": model.vision.width,
@@ -73,6 +74,12 @@ def _manifest(model) -> dict:
             "image_token": model.processor.image_token,
             "image_token_id": model.image_token_id,
             "new_token_ids": list(model.new_token_ids),
+        },
+        "connector": {  # also in "config"; spelled out for readers of the manifest
+            "order": model.config.projector.order,
+            "projector": model.config.projector.kind,
+            "injection": model.config.injection.mode,
+            "xattn_layers": model.xattn.layer_indices if model.xattn is not None else None,
         },
         "config": to_dict(model.config),
     }

@@ -1,10 +1,10 @@
 """Console commands: a parser and a dispatch table over `vlm.pipeline`, all driven by a `RunConfig`.
 
-    pvlm-make-shards          --config configs/tiny/make_shards.yaml   shards from the synthetic world / a folder / img2dataset
+    pvlm-make-shards          --config configs/tiny/make_shards.yaml   shards: synthetic / folder / coco / karpathy / nocaps / img2dataset
     pvlm-precompute-features  --config ...   the frozen tower's patch features (fp16) as new shards
     pvlm-train                --config ...   train resampler + projection + LoRA (torchrun for N processes)
-    pvlm-eval                 --config ...   CIDEr / BLEU-4 / attribute accuracy, the no-image ablation, a PNG grid
-    pvlm-caption              --config ... --images a.png b.png
+    pvlm-eval                 --config ...   COCO protocol: CIDEr / BLEU / METEOR, COCO results files, the no-image ablation
+    pvlm-caption              --config ... --images a.png photos/ 'more/*.jpg' [--batch-size 32] [--output captions.jsonl]
     pvlm-demo                 [--config ...]   the embedded default (shipped as vlm/configs/default.yaml), offline
     python -m vlm.cli <command> ...          the same, e.g. under torchrun
 
@@ -42,7 +42,9 @@ __all__ = ["COMMANDS", "Command", "parse", "run", "main", "fields_help"] + [
 ]
 
 _ADAPTER = (("--adapter",), {"default": None, "help": "adapter directory (default: <output_dir>/adapter)"})
-_IMAGES = (("--images",), {"nargs": "+", "required": True, "help": "image files to caption"})
+_IMAGES = (("--images",), {"nargs": "+", "required": True, "help": "image files, folders or globs to caption"})
+_BATCH = (("--batch-size",), {"type": int, "default": None, "help": "images per batch (default: eval.batch_size)"})
+_OUTPUT = (("--output",), {"default": None, "help": 'also write {"image", "caption"} JSON lines to this file'})
 _TOP = ("output_dir", "threads")  # every command reads these
 
 
@@ -61,7 +63,7 @@ _PREPARE = ("make_synthetic", "synthetic", "standin", "shards.output_dir", "feat
 COMMANDS: dict[str, Command] = {
     "make-shards": Command(
         pipeline.make_shards,
-        "Write webdataset shards: the synthetic world, a folder + captions file, or img2dataset output.",
+        "Write webdataset shards: the synthetic world, a folder + captions file, COCO / Karpathy / NoCaps, img2dataset.",
         (*_TOP, "shards", "synthetic"),
     ),
     "precompute-features": Command(
@@ -76,15 +78,23 @@ COMMANDS: dict[str, Command] = {
     ),
     "eval": Command(
         pipeline.evaluate_adapter,
-        "Evaluate a trained adapter: CIDEr, BLEU-4, attribute accuracy, the no-image ablation.",
+        "Evaluate a trained adapter in the COCO protocol (or score a COCO results file): CIDEr, BLEU, METEOR.",
         (*_TOP, *_PREPARE, "data", "model.vision", "eval"),
         options=(_ADAPTER,),
     ),
     "caption": Command(
         pipeline.caption_files,
-        "Caption image files with a trained adapter.",
-        (*_TOP, "standin.enabled", "standin.dir", "eval.max_new_tokens"),
-        options=(_ADAPTER, _IMAGES),
+        "Caption image files, folders or globs with a trained adapter (bad files are skipped and counted).",
+        (
+            *_TOP,
+            "standin.enabled",
+            "standin.dir",
+            "eval.max_new_tokens",
+            "eval.batch_size",
+            "eval.progress",
+            "data.max_image_pixels",
+        ),
+        options=(_ADAPTER, _IMAGES, _BATCH, _OUTPUT),
     ),
     "demo": Command(
         pipeline.demo,

@@ -9,6 +9,7 @@ uses PTB when Java is on the PATH.
     predictions, references, meta, pixels = generate_captions(model, loader)
     metrics = evaluate_captions(predictions, references, meta, synthetic=SyntheticConfig())
     write_results("eval/results.json", predictions, references, metrics)
+    metrics = score_coco_results("test.coco_results.json", "captions_val2014.json", meteor=False)
     save_caption_grid("eval/samples.png", pixels[:8], ...)
 """
 
@@ -40,6 +41,7 @@ __all__ = [
     "attribute_accuracy",
     "evaluate_captions",
     "generate_captions",
+    "score_coco_results",
     "write_results",
     "save_caption_grid",
 ]
@@ -124,32 +126,54 @@ def caption_metrics(
     *,
     tokenizer: Tokenizer = "auto",
     meteor: bool | None = None,
+    progress: bool = False,
 ) -> dict[str, float]:
     """BLEU-1..4, CIDEr (pycocoevalcap's CIDEr-D) and ROUGE-L; METEOR when ``meteor`` (default: Java found).
 
     ``predictions`` {key: caption}, ``references`` {key: [caption, ...]}; only keys of ``predictions`` count.
+    ``progress`` shows a tqdm bar over the steps (tokenization, each scorer).
     """
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
+    from tqdm.auto import tqdm
 
     _check_inputs(predictions, references)
-    keys = list(predictions)
-    refs = tokenize_captions({k: list(references[k]) for k in keys}, tokenizer)
-    preds = tokenize_captions({k: [predictions[k]] for k in keys}, tokenizer)
-    preds = {k: [v[0] if v[0].strip() else "<empty>"] for k, v in preds.items()}  # scorers reject ""
-    bleu, _ = Bleu(4).compute_score(refs, preds, verbose=0)
-    metrics = {f"BLEU-{n + 1}": float(b) for n, b in enumerate(bleu)}
-    metrics["CIDEr"] = float(Cider().compute_score(refs, preds)[0])
-    metrics["ROUGE-L"] = float(Rouge().compute_score(refs, preds)[0])
-    if meteor if meteor is not None else java_available():
-        from pycocoevalcap.meteor.meteor import Meteor
+    use_meteor = meteor if meteor is not None else java_available()
+    if use_meteor and not java_available():
+        raise ValueError("METEOR needs Java on the PATH; set eval.meteor=false (or meteor=False) to skip it")
+    steps = ["tokenize", "BLEU", "CIDEr", "ROUGE-L"] + (["METEOR"] if use_meteor else [])
+    bar = tqdm(total=len(steps), desc="metrics", unit="step", disable=not progress)
 
-        scorer = Meteor()
-        try:
-            metrics["METEOR"] = float(scorer.compute_score(refs, preds)[0])
-        finally:
-            _close_meteor(scorer)
+    def step(name: str) -> None:
+        bar.set_postfix_str(name, refresh=False)
+        bar.update(0 if name == steps[0] else 1)
+
+    keys = list(predictions)
+    try:
+        step("tokenize")
+        refs = tokenize_captions({k: list(references[k]) for k in keys}, tokenizer)
+        preds = tokenize_captions({k: [predictions[k]] for k in keys}, tokenizer)
+        preds = {k: [v[0] if v[0].strip() else "<empty>"] for k, v in preds.items()}  # scorers reject ""
+        step("BLEU")
+        bleu, _ = Bleu(4).compute_score(refs, preds, verbose=0)
+        metrics = {f"BLEU-{n + 1}": float(b) for n, b in enumerate(bleu)}
+        step("CIDEr")
+        metrics["CIDEr"] = float(Cider().compute_score(refs, preds)[0])
+        step("ROUGE-L")
+        metrics["ROUGE-L"] = float(Rouge().compute_score(refs, preds)[0])
+        if use_meteor:
+            from pycocoevalcap.meteor.meteor import Meteor
+
+            step("METEOR")
+            scorer = Meteor()
+            try:
+                metrics["METEOR"] = float(scorer.compute_score(refs, preds)[0])
+            finally:
+                _close_meteor(scorer)
+        bar.update(1)
+    finally:
+        bar.close()
     return metrics
 
 
@@ -219,9 +243,22 @@ def evaluate_captions(
     synthetic: SyntheticConfig | None = None,
     tokenizer: Tokenizer = "auto",
     meteor: bool | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
-    """Caption metrics, plus per-attribute accuracy when ``meta`` holds the synthetic ``objects``."""
-    metrics: dict[str, Any] = caption_metrics(predictions, references, tokenizer=tokenizer, meteor=meteor)
+    """Caption metrics, plus per-attribute accuracy when ``meta`` holds the synthetic ``objects`` and
+    metrics per NoCaps ``domain`` (each scored on its own images) when ``meta`` holds one."""
+    metrics: dict[str, Any] = caption_metrics(
+        predictions, references, tokenizer=tokenizer, meteor=meteor, progress=progress
+    )
+    domains = sorted({str(meta[k]["domain"]) for k in predictions if meta and "domain" in meta.get(k, {})})
+    if domains:
+        metrics["by_domain"] = {
+            d: caption_metrics(
+                {k: p for k, p in predictions.items() if str(meta.get(k, {}).get("domain")) == d},
+                references, tokenizer=tokenizer, meteor=meteor,
+            )
+            for d in domains
+        }  # fmt: skip
     if meta is not None and synthetic is not None:
         objects = {k: meta[k]["objects"] for k in predictions if k in meta and "objects" in meta[k]}
         if objects:
@@ -243,13 +280,18 @@ def generate_captions(
     prompt: str | None = None,
     ablate_images: bool = False,
     max_images: int | None = None,
+    progress: bool = False,
     **generation_kwargs: Any,
 ) -> tuple[dict[str, str], dict[str, list[str]], dict[str, dict], dict[str, np.ndarray]]:
     """Caption every image of ``batches`` (a `CaptionLoader` with ``train=False``) with ``model.generate``.
 
     ``ablate_images=True`` generates from the prompt alone (the no-image ablation). Returns
     ``(predictions, references, meta, pixels)`` keyed by sample key (pixels only with ``keep_pixels``).
+    ``progress`` shows a tqdm bar over the images.
     """
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=max_images, desc="no-image" if ablate_images else "captions", unit="img", disable=not progress)
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
         model.eval()
@@ -273,13 +315,50 @@ def generate_captions(
                 predictions[key], references[key], meta[key] = texts[i], batch.references[i], batch.meta[i]
                 if getattr(batch, "pixels", None) is not None:
                     pixels[key] = batch.pixels[i]
+            bar.update(len(keys))
     finally:
+        bar.close()
         if was_training:
             model.train()
     if max_images is not None:
         keep = list(predictions)[:max_images]
         predictions = {k: predictions[k] for k in keep}
     return predictions, references, meta, pixels
+
+
+def score_coco_results(
+    results_file: str | Path,
+    annotations_file: str | Path,
+    *,
+    tokenizer: Tokenizer = "auto",
+    meteor: bool | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Score a COCO results file against a COCO-layout annotations file, as ``COCOEvalCap`` does with
+    ``params["image_id"] = cocoRes.getImgIds()``: every image of the results, against all its references.
+
+    An image of the results missing from the annotations is an error; annotated images without a
+    prediction are counted (``images_without_prediction``: Karpathy test is 5,000 of val2014's 40,504).
+    """
+    from .data.coco import coco_references, read_coco_results
+
+    predictions = read_coco_results(results_file)
+    references = coco_references(annotations_file)
+    unknown = [i for i in predictions if i not in references]
+    if unknown:
+        raise ValueError(
+            f"{len(unknown)} image ids of results file {results_file} have no reference in {annotations_file} "
+            f"(e.g. {unknown[:5]}): is it the annotations file of the same split?"
+        )
+    metrics = evaluate_captions(
+        {str(i): c for i, c in predictions.items()},
+        {str(i): references[i] for i in predictions},
+        tokenizer=tokenizer,
+        meteor=meteor,
+        progress=progress,
+    )
+    metrics["images_without_prediction"] = len(references) - len(predictions)
+    return metrics
 
 
 def write_results(

@@ -1,7 +1,8 @@
 """Atomic writes: a file or directory appears complete under its final name, or not at all.
 
 Every writer in vlm (adapter and training checkpoints, shards, feature indexes, evaluation results,
-stand-in backbones) goes through these helpers. The mechanism is always the same: write under a
+stand-in backbones) goes through these helpers. `atomic_file_set` replaces a *set* of files that share
+a directory with others (a shard set ``train-*.tar`` + its index beside ``val-*.tar``). The mechanism is always the same: write under a
 hidden temporary name in the destination's own directory (so the rename never crosses a file
 system), flush and ``fsync`` the data, ``os.replace`` it onto the final name, ``fsync`` the parent
 directory so the rename itself is durable. Any error removes the temporary; a process killed
@@ -13,12 +14,12 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["AtomicFile", "atomic_write", "atomic_directory", "TEMP_PREFIX"]
+__all__ = ["AtomicFile", "atomic_write", "atomic_directory", "atomic_file_set", "TEMP_PREFIX"]
 
 TEMP_PREFIX = ".tmp_"  # temporaries are hidden and never match a reader's glob (step_*, *.tar, *.json)
 
@@ -120,3 +121,54 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     _fsync_directory(final.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def atomic_file_set(
+    directory: str | Path, replaces: Callable[[], Iterable[Path]], index: str | None = None
+) -> Iterator[Path]:
+    """Yield an empty hidden staging directory inside ``directory``; when the block succeeds, the
+    files ``replaces()`` names (the old set, listed at commit time) leave ``directory`` and every file
+    written to the staging directory takes their place, so the old and the new set never mix.
+
+    ``index`` names the file describing the set: the old one is removed before any other file moves
+    and the new one moved in after all the others, so an index on disk never describes files that are
+    not there. A reader listing the directory during the swap sees a subset of one set, never a mix.
+    On any error the staging directory is deleted and the old set is put back.
+    """
+    folder = Path(directory)
+    folder.mkdir(parents=True, exist_ok=True)
+    staging = _temp_beside(folder / "set")
+    staging.mkdir()
+    aside = staging / (TEMP_PREFIX + "old")
+    moved_aside: list[Path] = []
+    moved_in: list[Path] = []
+    try:
+        yield staging
+        new = sorted(p for p in staging.iterdir() if p != aside)
+        if any(not p.is_file() for p in new):
+            raise ValueError(f"atomic_file_set stages plain files only, got {[p.name for p in new if not p.is_file()]}")
+        for item in new:
+            with open(item, "rb") as fh:
+                os.fsync(fh.fileno())
+        aside.mkdir()
+        clashing = {folder / p.name for p in new if (folder / p.name).exists()}  # never overwritten unsaved
+        old = sorted({Path(p) for p in replaces()} | clashing, key=lambda p: (p.name != index, p.name))
+        for path in old:
+            if path.parent.resolve() != folder.resolve():
+                raise ValueError(f"atomic_file_set: {path} is not in {folder}")
+            if path.exists():
+                os.replace(path, aside / path.name)
+                moved_aside.append(path)
+        for item in sorted(new, key=lambda p: p.name == index):  # the index last
+            os.replace(item, folder / item.name)
+            moved_in.append(folder / item.name)
+    except BaseException:
+        for path in moved_in:
+            path.unlink(missing_ok=True)
+        for path in moved_aside:
+            os.replace(aside / path.name, path)  # put the previous set back
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _fsync_directory(folder)
+    shutil.rmtree(staging, ignore_errors=True)

@@ -1,18 +1,20 @@
-"""``VisionLanguageModel``: frozen open_clip tower -> Perceiver Resampler -> projection -> any HF causal LM.
+"""``VisionLanguageModel``: frozen tower -> Perceiver Resampler + projection -> any HF causal LM.
 
-The class is glue: encode images, resample them to ``num_latents`` tokens, project to the LM width,
-then either splice them into ``inputs_embeds`` at the ``<image>`` placeholders (prefix mode) or hand
-them to gated cross-attention hooks (cross_attention mode), and call the LM.
+The class is glue: encode images (open_clip or transformers towers, `vlm.vision`), run the connector
+(resampler and head in either order, `vlm.connector`), then either splice the tokens into
+``inputs_embeds`` at the ``<image>`` placeholders (prefix mode) or hand them to gated cross-attention
+hooks (cross_attention mode, `vlm.gated_xattn`), and call the LM.
 
     model = VisionLanguageModel.from_parts(open_clip_model, hf_lm, tokenizer, VLMConfig(...))
     batch = model.processor(["<image>Caption:"], captions=["a red circle"])
     loss = model(images=images, **batch).loss
     texts = model.generate(images, ["<image>Caption:"], max_new_tokens=20)
+
+Models converted from IDEFICS, Idefics2 and OpenFlamingo (`vlm.convert`) are instances of it too.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,24 +25,16 @@ from resampler import PerceiverResampler
 from resampler.config import load_config
 
 from .config import VLMConfig
+from .connector import build_connector, build_projector
 from .gated_xattn import GatedCrossAttention
 from .language import add_token_rows, apply_lora, context_length, load_language_model, load_tokenizer, unwrap_lm
+from .media import flatten_features, flatten_images, flatten_pixel_mask, media_per_sample
 from .processor import IGNORE_INDEX, VLMProcessor
 from .registry import decoder_layers
+from .towers import build_vision_tower, load_vision
 from .training.optim import param_groups
-from .vision import VisionTower, load_open_clip
 
 __all__ = ["VisionLanguageModel", "build_projector"]
-
-
-def build_projector(kind: str, in_dim: int, out_dim: int, hidden_dim: int | None = None) -> nn.Module:
-    """'linear' or 'mlp' (Linear -> GELU -> Linear) from the resampler width to the LM width."""
-    if kind == "linear":
-        return nn.Linear(in_dim, out_dim)
-    if kind == "mlp":
-        hidden_dim = out_dim if hidden_dim is None else hidden_dim
-        return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, out_dim))
-    raise ValueError(f"projector.kind must be 'linear' or 'mlp', got {kind!r}")
 
 
 class VisionLanguageModel(nn.Module):
@@ -62,13 +56,13 @@ class VisionLanguageModel(nn.Module):
             raise TypeError(f"config must be a VLMConfig, got {type(config).__name__}")
         self.config = config
         if vision_model is None:
-            vision_model, preprocess = load_open_clip(config.vision)
+            vision_model, preprocess = load_vision(config.vision)
         if lm is None:
             lm = load_language_model(config.lm)
         if tokenizer is None:
             tokenizer = load_tokenizer(config.lm)
 
-        self.vision = VisionTower(vision_model, config.vision, preprocess)
+        self.vision = build_vision_tower(vision_model, config.vision, preprocess)
         hf_lm = unwrap_lm(lm)
         self.lm_config = hf_lm.config
         self.hidden_size = hf_lm.get_input_embeddings().embedding_dim
@@ -81,23 +75,35 @@ class VisionLanguageModel(nn.Module):
         )
         self.base_vocab_size, self.new_token_ids = add_token_rows(hf_lm, len(tokenizer))
 
+        cross_attention = config.injection.mode == "cross_attention"
+        self.resampler, self.projector, media_width = build_connector(
+            config.projector,
+            config.resampler,
+            self.vision.width,
+            self.hidden_size,
+            num_patches=self.vision.num_patches,
+            xattn=cross_attention,
+            resampler=resampler,
+        )
+        self.resampler.requires_grad_(config.resampler.trainable)
         self.xattn = None
-        if config.injection.mode == "cross_attention":
+        if cross_attention:
+            inj = config.injection
             self.xattn = GatedCrossAttention(
-                decoder_layers(hf_lm, self.model_type),
+                hf_lm,
+                decoder_layers(hf_lm, self.model_type, inj.decoder_layers),
                 self.hidden_size,
-                every_k=config.injection.every_k_layers,
-                heads=config.injection.xattn_heads,
-                head_dim=config.injection.xattn_head_dim,
-                ff_mult=config.injection.xattn_ff_mult,
+                media_width,
+                inj.xattn_specs(),
+                every_k=inj.every_k_layers,
+                placement=inj.xattn_layers,
+                gate=inj.xattn_gate,
+                ff_scope=inj.xattn_ff_scope,
+                image_token_id=self.image_token_id,
+                reset_token_id=self.processor.eos_token_id if inj.xattn_reset_after_eos else None,
             )
         self.lm = apply_lora(lm, config.lora, config.lm)
 
-        self.resampler = self._build_resampler() if resampler is None else self._check_resampler(resampler)
-        self.resampler.requires_grad_(config.resampler.trainable)
-        self.projector = build_projector(
-            config.projector.kind, self.vision.width, self.hidden_size, config.projector.hidden_dim
-        )
         lm_param = next(hf_lm.parameters())
         self.resampler.to(lm_param.device)
         self.projector.to(lm_param.device)
@@ -110,7 +116,8 @@ class VisionLanguageModel(nn.Module):
     def from_parts(
         cls, vision_model, lm, tokenizer, config: VLMConfig, *, preprocess=None, resampler=None
     ) -> VisionLanguageModel:
-        """From an open_clip model, a transformers causal LM and its tokenizer already in memory."""
+        """From a tower model (open_clip, or transformers as ``config.vision.kind`` says), a transformers
+        causal LM and its tokenizer already in memory."""
         return cls(
             config, vision_model=vision_model, lm=lm, tokenizer=tokenizer, preprocess=preprocess, resampler=resampler
         )
@@ -121,34 +128,6 @@ class VisionLanguageModel(nn.Module):
         if not isinstance(config, VLMConfig):
             config = load_config(VLMConfig, config, overrides)
         return cls(config)
-
-    def _build_resampler(self) -> PerceiverResampler:
-        rc = self.config.resampler
-        if rc.num_patch_positions is not None and rc.num_patch_positions != self.vision.num_patches:
-            raise ValueError(
-                f"resampler.num_patch_positions={rc.num_patch_positions} but the vision tower gives "
-                f"{self.vision.num_patches} patch tokens per image"
-            )
-        if rc.dim not in (None, self.vision.width):
-            raise ValueError(
-                f"resampler.dim={rc.dim} but the vision tower's width is {self.vision.width}: leave it unset"
-            )
-        return PerceiverResampler(dataclasses.replace(rc, dim=self.vision.width))
-
-    def _check_resampler(self, resampler: nn.Module) -> nn.Module:
-        if not isinstance(resampler, PerceiverResampler):
-            raise TypeError(f"resampler must be a PerceiverResampler, got {type(resampler).__name__}")
-        if resampler.dim != self.vision.width or resampler.out_dim != self.vision.width:
-            raise ValueError(
-                f"the given resampler maps width {resampler.dim} -> {resampler.out_dim}, but the vision tower's "
-                f"width is {self.vision.width}: it must take and return {self.vision.width}"
-            )
-        if resampler.num_latents != self.config.resampler.num_latents:
-            raise ValueError(
-                f"the given resampler has {resampler.num_latents} latents but resampler.num_latents="
-                f"{self.config.resampler.num_latents}"
-            )
-        return resampler
 
     # ----------------------------------------------------------------------------- properties
 
@@ -177,78 +156,49 @@ class VisionLanguageModel(nn.Module):
     # ----------------------------------------------------------------------------- images
 
     def encode_images(
-        self, images=None, image_features: Tensor | None = None
+        self,
+        images=None,
+        image_features: Tensor | None = None,
+        *,
+        per_sample: Sequence[int] | None = None,
+        pixel_attention_mask: Tensor | None = None,
     ) -> tuple[Tensor | None, list[int] | None]:
-        """Images or precomputed tower features -> (N, num_latents, hidden) LM-width tokens, plus the
-        per-sample image counts when the input says them (nested lists or (B, T, ...) tensors)."""
+        """Images or precomputed tower features -> (N, num_latents, width) tokens for the LM (its hidden
+        size, or the resampler's width with a 'none' head), plus the per-sample image counts when the input
+        says them (nested lists or (B, T, ...) tensors). ``per_sample``: the counts the text gives, which
+        lets a (B, T, ...) tensor carry all-zero padding slots. ``pixel_attention_mask`` (N, H, W) or
+        (B, T, H, W): real pixels of padded images, for towers with a patch mask (Idefics2)."""
         if images is not None and image_features is not None:
             raise ValueError("pass either images or image_features, not both")
         if images is None and image_features is None:
             return None, None
+        per_sample = None if per_sample is None else list(per_sample)
+        patch_mask = None
         if image_features is not None:
-            features, counts = self._flatten_features(image_features)
+            if pixel_attention_mask is not None:
+                raise ValueError("pixel_attention_mask goes with images, not with image_features")
+            features, counts = flatten_features(image_features, self.vision.width, per_sample)
         else:
-            pixels, counts = self._flatten_images(images)
-            features = self.vision(pixels) if pixels.shape[0] else pixels.new_zeros(0, 1, self.vision.width)
+            pixels, counts = flatten_images(images, self.vision, per_sample)
+            pixel_mask = flatten_pixel_mask(pixel_attention_mask, pixels, per_sample)
+            if not pixels.shape[0]:
+                features = pixels.new_zeros(0, 1, self.vision.width)
+            else:
+                features = self.vision(pixels, pixel_mask)
+                patch_mask = None if pixel_mask is None else self.vision.patch_mask(pixel_mask)
         if features.shape[0] == 0:
             return None, counts
         device = self.projector_device
-        tokens = self.resampler(features.to(device=device, dtype=torch.float32))[:, 0]  # (N, latents, Dv)
+        features = features.to(device=device, dtype=torch.float32)
+        patch_mask = None if patch_mask is None else patch_mask.to(device)
+        if self.config.projector.order == "project_then_resample":
+            return self.resampler(self.projector(features), patch_mask)[:, 0], counts  # (N, latents, hidden)
+        tokens = self.resampler(features, patch_mask)[:, 0]  # (N, latents, Dv)
         return self.projector(tokens), counts  # (N, latents, hidden)
 
     @property
     def projector_device(self) -> torch.device:
-        return next(self.projector.parameters()).device
-
-    def _flatten_features(self, features) -> tuple[Tensor, list[int] | None]:
-        width = self.vision.width
-        if isinstance(features, (list, tuple)):
-            parts = [self._flatten_features(f)[0] for f in features]
-            counts = [p.shape[0] for p in parts]
-            empty = features[0].new_zeros(0, 1, width) if features else torch.zeros(0, 1, width)
-            nonempty = [p for p in parts if p.shape[0]]
-            return (torch.cat(nonempty) if nonempty else empty), counts
-        if not isinstance(features, Tensor) or not features.is_floating_point():
-            raise ValueError(
-                f"image_features must be a float tensor (N, P, {width}) or (B, T, P, {width}), "
-                f"got {type(features).__name__}"
-            )
-        if features.dim() == 2 and features.shape[0] == 0:
-            return features.reshape(0, 1, width), None
-        if features.dim() not in (3, 4) or features.shape[-1] != width:
-            raise ValueError(
-                f"image_features must be (N, P, {width}) or (B, T, P, {width}) (the vision tower's width is "
-                f"{width}), got {tuple(features.shape)}"
-            )
-        if features.dim() == 4:
-            b, t = features.shape[:2]
-            return features.reshape(b * t, *features.shape[2:]), [t] * b  # (B*T, P, D)
-        return features, None
-
-    def _flatten_images(self, images) -> tuple[Tensor, list[int] | None]:
-        h, w = self.vision.image_size
-        expected = (
-            f"a float tensor (N, 3, {h}, {w}) or (B, T, 3, {h}, {w}), a list of PIL images, or one list per sample"
-        )
-        if isinstance(images, Tensor):
-            if not images.is_floating_point():
-                raise ValueError(f"images must be {expected}; got a {images.dtype} tensor (preprocess it first)")
-            if images.dim() == 5 and tuple(images.shape[2:]) == (3, h, w):
-                b, t = images.shape[:2]
-                return images.reshape(b * t, 3, h, w), [t] * b  # (B*T, 3, H, W)
-            if images.dim() == 4 and tuple(images.shape[1:]) == (3, h, w):
-                return images, None
-            raise ValueError(f"images must be {expected}; got shape {tuple(images.shape)}")
-        if isinstance(images, (list, tuple)):
-            if all(isinstance(x, (list, tuple)) for x in images):
-                flat = [x for sample in images for x in sample]
-                pixels = self._flatten_images(flat)[0] if flat else torch.zeros(0, 3, h, w)
-                return pixels, [len(sample) for sample in images]
-            if all(isinstance(x, Tensor) for x in images):
-                return self._flatten_images(torch.stack(images) if images else torch.zeros(0, 3, h, w))[0], None
-            if all(hasattr(x, "convert") and hasattr(x, "size") for x in images):  # PIL images
-                return self.vision.preprocess_images(images), None
-        raise ValueError(f"images must be {expected}; got {type(images).__name__}")
+        return next(self.resampler.parameters()).device
 
     # ----------------------------------------------------------------------------- forward
 
@@ -259,6 +209,7 @@ class VisionLanguageModel(nn.Module):
         labels: Tensor | None = None,
         images=None,
         image_features: Tensor | None = None,
+        pixel_attention_mask: Tensor | None = None,
         **lm_kwargs,
     ):
         """HF-style output (``.loss`` when labels are given, ``.logits`` (B, L, vocab)).
@@ -267,11 +218,17 @@ class VisionLanguageModel(nn.Module):
         first); samples without ``<image>`` are text-only.
         """
         self._check_text(input_ids, attention_mask, labels)
-        media, counts = self.encode_images(images, image_features)
+        per_sample = self.processor.count_images(input_ids)  # (B,)
+        media, counts = self.encode_images(
+            images, image_features, per_sample=per_sample.tolist(), pixel_attention_mask=pixel_attention_mask
+        )
         if labels is not None:
             labels = labels.masked_fill(input_ids == self.image_token_id, IGNORE_INDEX)
-        lm_inputs = self._lm_inputs(input_ids, media, counts)
-        return self.language_model(**lm_inputs, attention_mask=attention_mask, labels=labels, **lm_kwargs)
+        lm_inputs = self._lm_inputs(input_ids, per_sample, media, counts)
+        if self.xattn is None:
+            return self.language_model(**lm_inputs, attention_mask=attention_mask, labels=labels, **lm_kwargs)
+        with self.xattn.attach(media_per_sample(media, per_sample)):
+            return self.language_model(**lm_inputs, attention_mask=attention_mask, labels=labels, **lm_kwargs)
 
     def _check_text(self, input_ids: Tensor, attention_mask: Tensor | None, labels: Tensor | None) -> None:
         if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
@@ -285,8 +242,7 @@ class VisionLanguageModel(nn.Module):
         if limit is not None and input_ids.shape[1] > limit:
             raise ValueError(f"input is {input_ids.shape[1]} tokens long, more than the LM's context of {limit}")
 
-    def _lm_inputs(self, input_ids: Tensor, media: Tensor | None, counts: list[int] | None) -> dict:
-        per_sample = self.processor.count_images(input_ids)  # (B,)
+    def _lm_inputs(self, input_ids: Tensor, per_sample: Tensor, media: Tensor | None, counts) -> dict:
         given = 0 if media is None else media.shape[0]
         if counts is not None and len(counts) != input_ids.shape[0]:
             raise ValueError(f"images are given for {len(counts)} samples but the batch has {input_ids.shape[0]}")
@@ -300,7 +256,6 @@ class VisionLanguageModel(nn.Module):
                 f"({self.config.tokens_per_image} tokens each) but {given} images were given"
             )
         if self.xattn is not None:
-            self.xattn.set_media(self._media_per_sample(media, per_sample), input_ids == self.image_token_id)
             return {"input_ids": input_ids}
         embeds = self.language_model.get_input_embeddings()(input_ids)  # (B, L, H)
         if media is not None:
@@ -308,17 +263,6 @@ class VisionLanguageModel(nn.Module):
             embeds = embeds.clone()
             embeds[is_image] = media.reshape(-1, media.shape[-1]).to(embeds.dtype)  # (N*latents, H) in order
         return {"inputs_embeds": embeds}
-
-    @staticmethod
-    def _media_per_sample(media: Tensor | None, per_sample: Tensor) -> Tensor | None:
-        """(N, latents, H) flat -> (B, T_max, latents, H), zero rows for missing images."""
-        if media is None:
-            return None
-        b, t = per_sample.shape[0], int(per_sample.max())
-        out = media.new_zeros(b, t, *media.shape[1:])
-        slots = torch.arange(t)[None, :] < per_sample[:, None].cpu()  # (B, T_max)
-        out[slots.to(media.device)] = media
-        return out
 
     # ----------------------------------------------------------------------------- generation
 
@@ -356,8 +300,34 @@ class VisionLanguageModel(nn.Module):
         input_ids = batch["input_ids"].to(self.projector_device)
         attention_mask = batch["attention_mask"].to(self.projector_device)
         self._check_text(input_ids, attention_mask, None)
-        lm_inputs = self._lm_inputs(input_ids, media, counts)
+        per_sample = self.processor.count_images(input_ids)
+        return self.processor.decode(
+            self._generate(input_ids, attention_mask, per_sample, media, counts, generation_kwargs)
+        )
 
+    @torch.no_grad()
+    def generate_ids(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        images=None,
+        *,
+        image_features: Tensor | None = None,
+        pixel_attention_mask: Tensor | None = None,
+        **generation_kwargs,
+    ):
+        """Generation from token ids made elsewhere (a reference processor's ``input_ids``, left padded)
+        -> the new tokens (B x num_return_sequences, new), or transformers' output object when
+        ``return_dict_in_generate=True``. Same defaults as ``generate``."""
+        self._check_text(input_ids, attention_mask, None)
+        per_sample = self.processor.count_images(input_ids)
+        media, counts = self.encode_images(
+            images, image_features, per_sample=per_sample.tolist(), pixel_attention_mask=pixel_attention_mask
+        )
+        return self._generate(input_ids, attention_mask, per_sample, media, counts, generation_kwargs)
+
+    def _generate(self, input_ids, attention_mask, per_sample, media, counts, generation_kwargs: dict):
+        lm_inputs = self._lm_inputs(input_ids, per_sample, media, counts)
         generation_kwargs.setdefault("max_new_tokens", self.config.max_new_tokens)
         generation_kwargs.setdefault("pad_token_id", self.processor.pad_token_id)
         generation_kwargs.setdefault("eos_token_id", self.processor.eos_token_id)
@@ -370,12 +340,18 @@ class VisionLanguageModel(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            out = self.language_model.generate(**lm_inputs, attention_mask=attention_mask, **generation_kwargs)
+            if self.xattn is None:
+                out = self.language_model.generate(**lm_inputs, attention_mask=attention_mask, **generation_kwargs)
+            else:
+                with self.xattn.attach(media_per_sample(media, per_sample)):
+                    out = self.language_model.generate(**lm_inputs, attention_mask=attention_mask, **generation_kwargs)
         finally:
             self.train(was_training)
         if "input_ids" in lm_inputs:  # with input_ids, generate returns prompt + new tokens
-            out = out[:, input_ids.shape[1] :]
-        return self.processor.decode(out)
+            if isinstance(out, Tensor):
+                return out[:, input_ids.shape[1] :]
+            out.sequences = out.sequences[:, input_ids.shape[1] :]
+        return out
 
     def caption(self, images, prompt: str | None = None, **generation_kwargs) -> list[str]:
         """One caption per image (greedy by default), after ``config.caption_prompt``."""

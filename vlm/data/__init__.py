@@ -1,10 +1,13 @@
-"""Data for captioning adapters: webdataset shards, the reader, the synthetic world, the feature cache."""
+"""Data for captioning adapters: webdataset shards and their sources (folder, COCO, Karpathy, NoCaps,
+img2dataset), the reader, the synthetic world, the feature cache."""
 
+from .coco import CaptionRecord, read_coco_captions, read_karpathy
 from .config import DataConfig
 from .decode import BadSample, build_transform, decode_image
-from .features import check_feature_cache, precompute_features
+from .features import check_feature_cache, feature_recipe, precompute_features
 from .reader import CaptionBatch, CaptionDataset, CaptionLoader
-from .shards import ShardSummary, resolve_shards, shards_from_folder, shards_from_img2dataset, write_samples
+from .shards import EmptyShardSet, ShardSummary, resolve_shards, write_samples
+from .sources import shards_from_annotations, shards_from_folder, shards_from_img2dataset, shards_from_records
 from .synthetic import (
     Scene,
     SceneObject,
@@ -25,11 +28,18 @@ __all__ = [
     "build_transform",
     "decode_image",
     "ShardSummary",
+    "EmptyShardSet",
     "resolve_shards",
-    "shards_from_folder",
-    "shards_from_img2dataset",
     "write_samples",
+    "CaptionRecord",
+    "read_coco_captions",
+    "read_karpathy",
+    "shards_from_records",
+    "shards_from_folder",
+    "shards_from_annotations",
+    "shards_from_img2dataset",
     "precompute_features",
+    "feature_recipe",
     "check_feature_cache",
     "Scene",
     "SceneObject",

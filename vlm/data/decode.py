@@ -88,8 +88,11 @@ def decode_image(data: bytes, max_pixels: int) -> tuple[Image.Image, str | None]
     return _to_rgb(image)
 
 
-def read_captions(sample: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
-    """Captions (``json`` ``captions``/``caption``, else ``txt`` lines) and the JSON metadata."""
+def read_captions(sample: dict[str, Any], allow_empty: bool = False) -> tuple[list[str], dict[str, Any]]:
+    """Captions (``json`` ``captions``/``caption``, else ``txt`` lines) and the JSON metadata.
+
+    ``allow_empty`` accepts a sample whose captions are empty (an image kept for prediction only, like
+    NoCaps test); a sample with neither ``json`` nor ``txt`` is still ``missing_caption``."""
     meta: dict[str, Any] = {}
     captions: list[str] = []
     try:
@@ -108,7 +111,7 @@ def read_captions(sample: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
     if "json" not in sample and "txt" not in sample:
         raise BadSample("missing_caption")
     captions = [c.strip() for c in captions if isinstance(c, str) and c.strip()]
-    if not captions:
+    if not captions and not allow_empty:
         raise BadSample("empty_caption")
     return captions, meta
 

@@ -4,8 +4,12 @@
 counted as usual), encodes every image, and writes new shards holding ``key.features.npy`` (P, D)
 fp16 next to the sample's captions JSON (and, by default, its original image bytes, so evaluation
 grids still work). ``DataConfig(use_cached_features=True)`` then makes the reader return
-``image_features`` (B, P, D) fp32 instead of ``images``. ``{prefix}-features.json`` records the tower,
-the preprocessing and the feature shape; `check_feature_cache` compares it with what training expects.
+``image_features`` (B, P, D) fp32 instead of ``images``.
+
+``{prefix}-features.json`` records what the cache was built from (`feature_recipe`): every source
+shard with its size and modification time, the whole vision-tower config (plus the size and time of
+any local weights file it names) and the preprocessing transform. `check_feature_cache` lists what
+differs from the recipe a run wants; a cache is only reused when nothing does.
 """
 
 from __future__ import annotations
@@ -13,7 +17,9 @@ from __future__ import annotations
 import io
 import json
 import logging
-from collections.abc import Callable
+import os
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -24,11 +30,13 @@ from torch import Tensor
 
 from ..io import atomic_write
 from .config import DataConfig
-from .decode import FEATURES_EXT
+from .decode import FEATURES_EXT, build_transform
 from .reader import CaptionLoader
-from .shards import IMAGE_EXTENSIONS, ShardSummary, write_samples
+from .shards import IMAGE_EXTENSIONS, ShardSummary, resolve_shards, write_samples
 
-__all__ = ["precompute_features", "check_feature_cache", "encode_features"]
+__all__ = ["precompute_features", "feature_recipe", "check_feature_cache", "encode_features"]
+
+RECIPE_VERSION = 1  # bump when the meaning of cached features changes
 
 log = logging.getLogger(__name__)
 
@@ -53,16 +61,20 @@ def precompute_features(
     transform: Callable | None = None,
     keep_images: bool = True,
     samples_per_shard: int = 1000,
-    description: dict[str, Any] | None = None,
+    vision: Mapping[str, Any] | None = None,
 ) -> ShardSummary:
     """Encode every image of ``shards`` with ``tower`` ((B, 3, H, W) -> (B, P, D)) into feature shards.
 
     ``config`` supplies the image size, preprocessing, batch size and workers; ``transform`` overrides
-    the preprocessing (pass the tower's own open_clip preprocess for real towers).
-    ``description`` (e.g. the tower's config) is stored in the index for `check_feature_cache`.
+    the preprocessing (pass the tower's own open_clip preprocess for real towers). ``vision`` (the
+    tower's config as a dict) goes into the recorded `feature_recipe`.
     """
+    index = Path(out_dir) / f"{prefix}-features.json"
+    index.unlink(missing_ok=True)  # while a cache is rebuilt there is no record claiming it is complete
+    recipe = feature_recipe(shards, vision or {}, transform if transform is not None else build_transform(config))
     read_config = replace(config, use_cached_features=False, resampled=False)
-    loader = CaptionLoader(shards, read_config, transform=transform, train=False, keep_raw=True)
+    # images without captions (NoCaps test) are cached too: the cache copies samples, training readers skip them
+    loader = CaptionLoader(shards, read_config, transform=transform, train=False, keep_raw=True, allow_uncaptioned=True)
     if isinstance(tower, torch.nn.Module):
         tower.eval()
     device = next((p.device for p in getattr(tower, "parameters", lambda: [])()), torch.device("cpu"))
@@ -90,25 +102,84 @@ def precompute_features(
         "image_size": config.image_size,
         "preprocess": config.preprocess if transform is None else "custom",
         "source": shards if isinstance(shards, str) else list(shards),
-        "tower": description or {},
+        "recipe": recipe,
         "converted": dict(loader.converted),
         **asdict(summary),
     }
-    atomic_write(Path(out_dir) / f"{prefix}-features.json", json.dumps(info, indent=1))
+    atomic_write(index, json.dumps(info, indent=1))
     log.info("cached %s features of %d samples into %s", shape, summary.num_samples, out_dir)
     return summary
 
 
-def check_feature_cache(
-    index_path: str | Path, *, feature_shape: tuple[int, int], tower: dict[str, Any] | None = None
-) -> dict:
-    """Load ``{prefix}-features.json`` and raise a ValueError when it was made for another tower."""
-    info = json.loads(Path(index_path).read_text(encoding="utf-8"))
-    if tuple(info["feature_shape"]) != tuple(feature_shape):
-        raise ValueError(
-            f"{index_path}: cached features are {tuple(info['feature_shape'])} per image but the model's vision "
-            f"tower gives {tuple(feature_shape)}; re-run precompute_features with this tower"
-        )
-    if tower is not None and info.get("tower") and info["tower"] != tower:
-        raise ValueError(f"{index_path}: cached features come from tower {info['tower']}, not {tower}")
-    return info
+def _stamp(path: str | Path) -> dict[str, Any]:
+    """A file's identity for the recipe: absolute path, size and modification time (ns)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return {"path": os.path.abspath(path), "missing": True}
+    return {"path": os.path.abspath(path), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _describe_transform(transform: Any) -> str:
+    """A transform's repr (torchvision's lists every step and its parameters), without memory addresses."""
+    return " ".join(re.sub(r" at 0x[0-9a-fA-F]+", "", repr(transform)).split())
+
+
+def feature_recipe(shards: str | list[str], vision: Mapping[str, Any], transform: Any) -> dict[str, Any]:
+    """What a feature cache is built from: the source shards (size, mtime), the vision config (any
+    local weights file or folder it names stamped too) and the preprocessing."""
+    weights = []
+    for value in vision.values():
+        if isinstance(value, str) and value and os.path.isfile(value):
+            weights.append(_stamp(value))
+        elif isinstance(value, str) and value and os.path.isdir(value):
+            weights += [_stamp(p) for p in sorted(Path(value).iterdir()) if p.is_file()]
+    return {
+        "version": RECIPE_VERSION,
+        "shards": [_stamp(url) for url in resolve_shards(shards)],
+        "vision": dict(vision),
+        "weights": weights,
+        "preprocess": _describe_transform(transform),
+    }
+
+
+def _file_changes(what: str, old: list[dict], new: list[dict]) -> list[str]:
+    before, after = {f["path"]: f for f in old}, {f["path"]: f for f in new}
+    removed = [os.path.basename(p) for p in before if p not in after]
+    added = [os.path.basename(p) for p in after if p not in before]
+    changed = [os.path.basename(p) for p in after if p in before and before[p] != after[p]]
+    lines = []
+    for verb, names in (("removed", removed), ("added", added), ("changed (size or time)", changed)):
+        if names:
+            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            lines.append(f"{what}: {len(names)} {verb}: {shown}")
+    return lines
+
+
+def check_feature_cache(index_path: str | Path, recipe: Mapping[str, Any], vision_name: str = "vision") -> list[str]:
+    """What differs between the cache recorded in ``index_path`` and ``recipe`` (empty: reuse it).
+
+    Each difference is one readable line, e.g. ``model.vision.layer: 'last' -> 'penultimate'`` or
+    ``source shards: 2 removed: train-000003.tar, train-000004.tar``; ``vision_name`` prefixes the
+    vision fields.
+    """
+    path = Path(index_path)
+    if not path.is_file():
+        return [f"no cache at {path}"]
+    try:
+        old = json.loads(path.read_text(encoding="utf-8")).get("recipe")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as err:
+        return [f"{path} is unreadable ({err})"]
+    if not isinstance(old, dict) or old.get("version") != recipe["version"]:
+        return [f"{path} records no recipe of this version (made by an older perceiver-vlm)"]
+    lines = _file_changes("source shards", old.get("shards", []), recipe["shards"])
+    old_vision, new_vision = old.get("vision", {}), recipe["vision"]
+    for key in sorted(set(old_vision) | set(new_vision)):
+        if old_vision.get(key, "<absent>") != new_vision.get(key, "<absent>"):
+            lines.append(
+                f"{vision_name}.{key}: {old_vision.get(key, '<absent>')!r} -> {new_vision.get(key, '<absent>')!r}"
+            )
+    lines += _file_changes("vision weights", old.get("weights", []), recipe["weights"])
+    if old.get("preprocess") != recipe["preprocess"]:
+        lines.append(f"preprocess: {old.get('preprocess')!r} -> {recipe['preprocess']!r}")
+    return lines

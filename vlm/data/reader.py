@@ -108,6 +108,7 @@ class CaptionDataset(torch.utils.data.IterableDataset):
         train: False = evaluation order: no shuffling, no resampling, always the first caption.
         keep_pixels: also return the decoded images as ``batch.pixels`` (uint8) for sample grids.
         keep_raw: also return each sample's stored members (bytes) as ``batch.raw`` (for re-sharding).
+        allow_uncaptioned: keep samples with no caption (``references`` ``[]``): images to predict only.
         rank, world_size: override the torch.distributed values (tests, custom launchers).
     """
 
@@ -122,6 +123,7 @@ class CaptionDataset(torch.utils.data.IterableDataset):
         train: bool = True,
         keep_pixels: bool = False,
         keep_raw: bool = False,
+        allow_uncaptioned: bool = False,
         rank: int | None = None,
         world_size: int | None = None,
     ) -> None:
@@ -130,7 +132,9 @@ class CaptionDataset(torch.utils.data.IterableDataset):
         self.config = config
         self.transform = transform if transform is not None or config.use_cached_features else build_transform(config)
         self.text, self.prompt, self.train = text, prompt, train
-        self.keep_pixels, self.keep_raw = keep_pixels, keep_raw
+        self.keep_pixels, self.keep_raw, self.allow_uncaptioned = keep_pixels, keep_raw, allow_uncaptioned
+        if allow_uncaptioned and (train or text is not None):
+            raise ValueError("allow_uncaptioned serves prediction only: use it with train=False and no text processor")
         self.rank, self.world_size = rank, world_size
         self._main_process_rank: tuple[int, int] | None = None
         self.epoch = 0
@@ -211,9 +215,14 @@ class CaptionDataset(torch.utils.data.IterableDataset):
 
     def _decode(self, sample: dict[str, Any], rng: random.Random, converted: Counter[str]) -> dict[str, Any]:
         cfg = self.config
-        captions, meta = read_captions(sample)
+        captions, meta = read_captions(sample, allow_empty=self.allow_uncaptioned)
         item: dict[str, Any] = {"key": sample["__key__"], "references": captions, "meta": meta}
-        item["caption"] = captions[0] if (cfg.caption_choice == "first" or not self.train) else rng.choice(captions)
+        if not captions:
+            item["caption"] = ""
+        elif cfg.caption_choice == "first" or not self.train:
+            item["caption"] = captions[0]
+        else:
+            item["caption"] = rng.choice(captions)
         image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in sample), None)
         if cfg.use_cached_features:
             if FEATURES_EXT not in sample:

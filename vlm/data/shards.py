@@ -1,21 +1,23 @@
-"""Writing webdataset shards: from any sample stream, a folder of images + CSV/JSONL captions, or the
-img2dataset layout (``key.jpg`` + ``key.txt``/``key.json``).
+"""Writing and finding webdataset shards.
 
 A sample is one image (``jpg``/``png``/... bytes, stored as-is) plus ``json`` = ``{"captions": [...],
-...}`` with one or more captions. Every shard is written with `vlm.io.AtomicFile` (a hidden temporary,
-renamed when complete), so a reader never sees a half-written shard. Each call also writes
-``{prefix}-index.json`` listing the shards and their sample counts.
+...}`` with one or more captions. `write_samples` writes a whole shard set ``{prefix}-NNNNNN.tar`` plus
+``{prefix}-index.json`` (shards, sample counts, byte sizes, skip counts) under a hidden staging name
+and swaps it in for the previous set of the same prefix only when every shard is complete
+(`vlm.io.atomic_file_set`): a run that fails or finds nothing leaves the previous set as it was, and
+shards of an earlier, longer run never survive beside a new set. Sources that turn files on disk into
+samples are in `vlm.data.sources`.
 """
 
 from __future__ import annotations
 
-import csv
+import contextlib
 import glob
 import json
 import logging
 import os
-from collections import Counter
-from collections.abc import Iterable, Iterator
+import re
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,21 +25,16 @@ from typing import Any
 import webdataset as wds
 from webdataset.shardlists import expand_urls
 
-from ..io import AtomicFile, atomic_write
+from ..io import atomic_file_set
 
-__all__ = [
-    "IMAGE_EXTENSIONS",
-    "ShardSummary",
-    "write_samples",
-    "shards_from_folder",
-    "shards_from_img2dataset",
-    "resolve_shards",
-]
+__all__ = ["IMAGE_EXTENSIONS", "ShardSummary", "EmptyShardSet", "write_samples", "shard_set_files", "resolve_shards"]
 
 log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
-_IMAGE_COLUMNS = ("file", "filename", "image", "image_path", "path")
-_CAPTION_COLUMNS = ("caption", "captions", "text")
+
+
+class EmptyShardSet(ValueError):
+    """A shard set would hold no sample; nothing was written and the previous set is untouched."""
 
 
 @dataclass
@@ -46,6 +43,7 @@ class ShardSummary:
     num_samples: int
     samples_per_shard: list[int]
     skipped: dict[str, int] = field(default_factory=dict)
+    shard_bytes: list[int] = field(default_factory=list)
 
     @property
     def pattern(self) -> str:
@@ -58,198 +56,77 @@ def _sanitize_key(key: str) -> str:
     return key.replace(".", "_").replace("/", "_")
 
 
+def shard_set_files(out_dir: str | Path, prefix: str) -> list[Path]:
+    """The files of the shard set ``prefix`` in ``out_dir``: ``{prefix}-NNNNNN.tar`` and ``{prefix}-index.json``
+    (exactly: the set ``train`` does not include ``train-big-000000.tar``)."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return []
+    shard = re.compile(rf"{re.escape(prefix)}-\d{{6,}}\.tar")
+    return sorted(p for p in out_dir.iterdir() if shard.fullmatch(p.name) or p.name == f"{prefix}-index.json")
+
+
 def write_samples(
     samples: Iterable[dict[str, Any]],
     out_dir: str | Path,
     prefix: str = "shard",
     samples_per_shard: int = 1000,
     max_shard_bytes: float = 1e9,
-    skipped: dict[str, int] | None = None,
+    skipped: Mapping[str, int] | None = None,
 ) -> ShardSummary:
-    """Write ``{"__key__": str, ext: bytes | dict | str, ...}`` samples to ``out_dir/prefix-NNNNNN.tar``.
+    """Write ``{"__key__": str, ext: bytes | dict | str, ...}`` samples as the shard set ``out_dir/prefix-*``.
 
     Values go through webdataset's extension-based encoder (dicts under ``json`` become JSON).
+    ``skipped`` (a counter the sample stream fills as it goes) is read after the stream is exhausted
+    and recorded in the index. Raises `EmptyShardSet` when the stream yields no sample.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    pending: dict[str, AtomicFile] = {}
+    if "/" in prefix or not prefix:
+        raise ValueError(f"shard prefix must be a plain non-empty name, got {prefix!r}")
+    index_name = f"{prefix}-index.json"
     finished: list[str] = []
     counts: list[int] = []
-
-    def opener(fname: str):
-        pending[fname] = AtomicFile(fname)
-        return pending[fname].file
-
-    def publish(fname: str) -> None:
-        pending.pop(fname).commit()
-        finished.append(fname)
-        counts.append(sink.count)
-
     seen: set[str] = set()
-    written = 0
-    sink = wds.ShardWriter(
-        str(out_dir / f"{prefix}-%06d.tar"),
-        maxcount=samples_per_shard,
-        maxsize=max_shard_bytes,
-        post=publish,
-        verbose=0,
-        opener=opener,
-        mtime=0,  # reproducible bytes; an int (a float mtime adds a pax header per member, slower to read)
-    )
-    try:
-        for sample in samples:
-            key = sample.get("__key__")
-            if not isinstance(key, str) or not key:
-                raise ValueError(f"every sample needs a non-empty string '__key__', got {key!r}")
-            key = _sanitize_key(key)
-            if key in seen:
-                raise ValueError(f"duplicate sample key {key!r}: keys must be unique within a dataset")
-            seen.add(key)
-            sink.write({**sample, "__key__": key})
-            written += 1
-    except BaseException:
-        if sink.tarstream is not None:
-            sink.tarstream.close()  # finish the tar stream so it never writes to the closed file later
-            sink.tarstream = None
-        for handle in pending.values():  # never publish a partial shard
-            handle.abort()
-        raise
-    sink.close()
-    summary = ShardSummary([str(f) for f in finished], written, counts, dict(skipped or {}))
-    atomic_write(out_dir / f"{prefix}-index.json", json.dumps(asdict(summary), indent=1))
-    log.info(
-        "wrote %d samples to %d shards under %s (skipped: %s)", written, len(finished), out_dir, dict(skipped or {})
-    )
-    return summary
+    with atomic_file_set(out_dir, lambda: shard_set_files(out_dir, prefix), index=index_name) as staging:
 
+        def publish(fname: str) -> None:
+            finished.append(Path(fname).name)
+            counts.append(sink.count)
 
-def _inside(root: Path, path: Path) -> bool:
-    """Whether ``path`` (symlinks followed) lies under ``root``: names from a captions file or a
-    crawl never lead the writer to read files elsewhere (``../``, absolute paths, outward symlinks)."""
-    return path.resolve().is_relative_to(root.resolve())
-
-
-def _image_ext(path: Path) -> str:
-    ext = path.suffix.lower().lstrip(".")
-    return "jpg" if ext == "jpeg" else "tiff" if ext == "tif" else ext
-
-
-def _read_caption_table(path: Path) -> dict[str, list[str]]:
-    """image name -> captions, from CSV (header with image + caption columns) or JSONL."""
-    rows: list[dict[str, Any]]
-    if path.suffix.lower() in (".jsonl", ".json"):
-        with open(path, encoding="utf-8") as fh:
-            rows = [json.loads(line) for line in fh if line.strip()]
-    elif path.suffix.lower() in (".csv", ".tsv"):
-        with open(path, encoding="utf-8", newline="") as fh:
-            rows = list(csv.DictReader(fh, delimiter="\t" if path.suffix.lower() == ".tsv" else ","))
-    else:
-        raise ValueError(f"captions file {path} must be .csv, .tsv or .jsonl")
-    table: dict[str, list[str]] = {}
-    for i, row in enumerate(rows):
-        image_col = next((c for c in _IMAGE_COLUMNS if c in row), None)
-        caption_col = next((c for c in _CAPTION_COLUMNS if c in row), None)
-        if image_col is None or caption_col is None:
-            raise ValueError(
-                f"{path} row {i}: needs an image column (one of {list(_IMAGE_COLUMNS)}) and a caption column "
-                f"(one of {list(_CAPTION_COLUMNS)}); got {sorted(row)}"
+        sink = wds.ShardWriter(
+            str(staging / f"{prefix}-%06d.tar"),
+            maxcount=samples_per_shard,
+            maxsize=max_shard_bytes,
+            post=publish,
+            verbose=0,
+            mtime=0,  # reproducible bytes; an int (a float mtime adds a pax header per member, slower to read)
+        )
+        try:
+            for sample in samples:
+                key = sample.get("__key__")
+                if not isinstance(key, str) or not key:
+                    raise ValueError(f"every sample needs a non-empty string '__key__', got {key!r}")
+                key = _sanitize_key(key)
+                if key in seen:
+                    raise ValueError(f"duplicate sample key {key!r}: keys must be unique within a dataset")
+                seen.add(key)
+                sink.write({**sample, "__key__": key})
+        except BaseException:
+            with contextlib.suppress(Exception):
+                sink.close()  # the staging directory goes; the error that stopped the stream is what counts
+            raise
+        sink.close()
+        skips = dict(skipped or {})
+        if not seen:
+            raise EmptyShardSet(
+                f"no sample to write as {out_dir / prefix}-*.tar (skipped: {skips or 'nothing'}); "
+                "the previous shards of this prefix, if any, are left as they were"
             )
-        value = row[caption_col]
-        captions = value if isinstance(value, list) else [value]
-        table.setdefault(str(row[image_col]), []).extend(str(c) for c in captions if c and str(c).strip())
-    return table
-
-
-def shards_from_folder(
-    image_dir: str | Path,
-    captions_file: str | Path,
-    out_dir: str | Path,
-    prefix: str = "shard",
-    samples_per_shard: int = 1000,
-) -> ShardSummary:
-    """Shards from ``image_dir`` + a CSV/JSONL naming each image (relative path) and its caption(s).
-
-    Several rows for one image (or a JSON list under ``captions``) give several captions. Rows whose
-    image is missing or empty are skipped and counted; the images themselves are checked by the reader.
-    """
-    image_dir = Path(image_dir)
-    table = _read_caption_table(Path(captions_file))
-    skipped: Counter[str] = Counter()
-
-    def samples() -> Iterator[dict[str, Any]]:
-        for name, captions in table.items():
-            path = image_dir / name
-            if not _inside(image_dir, path):
-                skipped["unsafe_path"] += 1
-                continue
-            if not path.is_file():
-                skipped["missing_image"] += 1
-                continue
-            if not captions:
-                skipped["missing_caption"] += 1
-                continue
-            data = path.read_bytes()
-            if not data:
-                skipped["empty_image"] += 1
-                continue
-            key = str(Path(name).with_suffix(""))
-            yield {"__key__": key, _image_ext(path): data, "json": {"captions": captions, "source": name}}
-
-    stream = list(samples())  # materialise first so `skipped` is complete when the index is written
-    return write_samples(stream, out_dir, prefix, samples_per_shard, skipped=skipped)
-
-
-def _img2dataset_captions(stem: Path, skipped: Counter[str]) -> tuple[list[str], dict[str, Any]] | None:
-    captions: list[str] = []
-    meta: dict[str, Any] = {}
-    try:
-        txt = stem.with_suffix(".txt")
-        if txt.is_file():
-            captions += [line.strip() for line in txt.read_bytes().decode("utf-8").splitlines() if line.strip()]
-        meta_path = stem.with_suffix(".json")
-        if meta_path.is_file():
-            meta = json.loads(meta_path.read_bytes().decode("utf-8"))
-            extra = meta.get("captions") or ([meta["caption"]] if meta.get("caption") else [])
-            captions += [c for c in extra if isinstance(c, str) and c.strip() and c.strip() not in captions]
-    except UnicodeDecodeError:
-        skipped["bad_caption_encoding"] += 1
-        return None
-    except json.JSONDecodeError:
-        skipped["bad_json"] += 1
-        return None
-    if not captions:
-        skipped["missing_caption"] += 1
-        return None
-    return captions, meta
-
-
-def shards_from_img2dataset(
-    src_dir: str | Path, out_dir: str | Path, prefix: str = "shard", samples_per_shard: int = 1000
-) -> ShardSummary:
-    """Shards from img2dataset's "files" layout: ``key.jpg`` with ``key.txt`` (a caption per line)
-    and/or ``key.json`` (``caption`` or ``captions``), in ``src_dir`` or its sub-folders."""
-    src_dir = Path(src_dir)
-    images = sorted(p for p in src_dir.rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS)
-    skipped: Counter[str] = Counter()
-
-    def samples() -> Iterator[dict[str, Any]]:
-        for path in images:
-            if not _inside(src_dir, path):
-                skipped["unsafe_path"] += 1
-                continue
-            found = _img2dataset_captions(path.with_suffix(""), skipped)
-            if found is None:
-                continue
-            data = path.read_bytes()
-            if not data:
-                skipped["empty_image"] += 1
-                continue
-            captions, meta = found
-            key = str(path.relative_to(src_dir).with_suffix(""))
-            yield {"__key__": key, _image_ext(path): data, "json": {**meta, "captions": captions}}
-
-    stream = list(samples())
-    return write_samples(stream, out_dir, prefix, samples_per_shard, skipped=skipped)
+        sizes = [(staging / name).stat().st_size for name in finished]
+        summary = ShardSummary([str(out_dir / name) for name in finished], len(seen), counts, skips, sizes)
+        (staging / index_name).write_text(json.dumps(asdict(summary), indent=1), encoding="utf-8")
+    log.info("wrote %d samples to %d shards under %s (skipped: %s)", len(seen), len(finished), out_dir, skips)
+    return summary
 
 
 def resolve_shards(spec: str | list[str]) -> list[str]:

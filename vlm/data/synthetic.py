@@ -123,6 +123,9 @@ class SyntheticConfig:
             raise ValueError(f"SyntheticConfig.image_size must be >= 16, got {self.image_size}")
         if self.captions_per_image < 1 or self.samples_per_shard < 1:
             raise ValueError("SyntheticConfig.captions_per_image and samples_per_shard must be >= 1")
+        empty = [k for k, n in self.split_sizes.items() if n < 1]
+        if empty:
+            raise ValueError(f"SyntheticConfig.split_sizes must be >= 1 (leave a split out to skip it); got {empty}")
         unknown = set(self.split_sizes) - {"train", "val", "test", "compositional"}
         if unknown:
             raise ValueError(

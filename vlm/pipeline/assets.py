@@ -17,13 +17,14 @@ import torch
 from resampler.config import to_dict
 
 from ..backbones import ensure_standin_backbones
-from ..data.features import precompute_features
+from ..data.features import check_feature_cache, feature_recipe, precompute_features
 from ..data.reader import CaptionLoader
-from ..data.shards import ShardSummary, shards_from_folder, shards_from_img2dataset
+from ..data.shards import ShardSummary
+from ..data.sources import shards_from_annotations, shards_from_folder, shards_from_img2dataset
 from ..data.synthetic import write_synthetic_shards
 from ..distributed import barrier, print0, rank
 from ..io import atomic_write
-from ..vision import VisionTower, load_open_clip
+from ..towers import load_vision_tower
 from .config import RunConfig
 
 __all__ = [
@@ -51,21 +52,34 @@ def prepare(cfg: RunConfig, *, features: bool = True) -> RunConfig:
 
 
 def make_shards(cfg: RunConfig) -> ShardSummary | None:
-    """``shards.source``: the synthetic world, a folder + captions file, or img2dataset output -> shards."""
+    """``shards.source`` -> the shard set ``<data_dir>/<prefix>-*.tar`` (see `ShardsConfig`)."""
     src = cfg.shards
     if src.source == "synthetic":
         make_synthetic_world(replace(cfg, make_synthetic=True))
         return None
-    if not src.input_dir:
-        raise ValueError(f"shards.source={src.source!r} needs shards.input_dir")
+    needs = {"folder": ("input_dir", "captions_file"), "img2dataset": ("input_dir",)}.get(
+        src.source, ("input_dir", "annotations_file")
+    )
+    missing = [f"shards.{name}" for name in needs if not getattr(src, name)]
+    if src.source == "karpathy" and not src.split:
+        missing.append("shards.split (train, restval, val or test)")
+    if missing:
+        raise ValueError(f"shards.source={src.source!r} needs {', '.join(missing)}")
+    where = (cfg.data_dir, src.shard_prefix, src.samples_per_shard)
+    progress = src.progress and rank() == 0
     if src.source == "folder":
-        if not src.captions_file:
-            raise ValueError("shards.source='folder' needs shards.captions_file (CSV or JSONL)")
-        summary = shards_from_folder(src.input_dir, src.captions_file, cfg.data_dir, src.prefix, src.samples_per_shard)
+        summary = shards_from_folder(src.input_dir, src.captions_file, *where, progress=progress)
+    elif src.source in ("coco", "karpathy", "nocaps"):
+        summary = shards_from_annotations(
+            src.source, src.annotations_file, src.input_dir, *where, split=src.split, progress=progress
+        )
     else:
-        summary = shards_from_img2dataset(src.input_dir, cfg.data_dir, src.prefix, src.samples_per_shard)
+        summary = shards_from_img2dataset(src.input_dir, *where, progress=progress)
     n = len(summary.shards)
-    print0(f"wrote {summary.num_samples} samples to {n} shards in {cfg.data_dir}; skipped {summary.skipped}")
+    print0(
+        f"wrote {summary.num_samples} samples to {n} shards {cfg.data_dir / src.shard_prefix}-*.tar; "
+        f"skipped {summary.skipped or 'nothing'}"
+    )
     return summary
 
 
@@ -126,25 +140,34 @@ def _standin_pairs(cfg: RunConfig) -> tuple[torch.Tensor, list[list[str]]]:
 
 
 def ensure_feature_cache(cfg: RunConfig) -> None:
-    """Encode each split in ``features.splits`` once with the frozen tower (rank 0; others wait)."""
-    todo = [s for s in cfg.features.splits if not (cfg.features_dir / f"{s}-features.json").is_file()]
-    if todo and rank() == 0:
-        vision_model, preprocess = load_open_clip(cfg.model.vision)
-        tower = VisionTower(vision_model, cfg.model.vision, preprocess)
-        read = replace(cfg.data, batch_size=cfg.features.batch_size, use_cached_features=False)
-        for split in todo:
+    """Encode each split in ``features.splits`` with the frozen tower (rank 0; the others wait) unless
+    its cache records exactly the shards, ``model.vision`` section and preprocessing of this run; a
+    cache built from anything else is rebuilt, or refused with ``features.on_change: error``."""
+    if rank() == 0:
+        tower = load_vision_tower(cfg.model.vision)  # open_clip or transformers, from config.vision alone
+        preprocess = tower.preprocess
+        vision = to_dict(cfg.model.vision)
+        todo = []
+        for split in cfg.features.splits:
             source = _raw_split_spec(cfg, split)
+            index = cfg.features_dir / f"{split}-features.json"
+            changes = check_feature_cache(index, feature_recipe(source, vision, preprocess), "model.vision")
+            if changes and index.is_file():
+                if cfg.features.on_change == "error":
+                    raise ValueError(
+                        f"feature cache {index} was built from other inputs: {'; '.join(changes)}. "
+                        "Delete it or set features.on_change=rebuild"
+                    )
+                print0(f"feature cache: {split}: rebuilding, it was built from other inputs: {'; '.join(changes)}")
+            if changes:
+                todo.append((split, source))
+        if todo:
+            read = replace(cfg.data, batch_size=cfg.features.batch_size, use_cached_features=False)
+        for split, source in todo:
             start = time.perf_counter()
             summary = precompute_features(
-                source,
-                cfg.features_dir,
-                tower,
-                read,
-                prefix=split,
-                transform=preprocess,
-                description={"name": cfg.model.vision.name, "pretrained": cfg.model.vision.pretrained,
-                             "layer": cfg.model.vision.layer, "keep_cls": cfg.model.vision.keep_cls},
-            )  # fmt: skip
+                source, cfg.features_dir, tower, read, prefix=split, transform=preprocess, vision=vision
+            )
             seconds = time.perf_counter() - start
             print0(f"feature cache: {split}: {summary.num_samples} images in {seconds:.1f} s -> {cfg.features_dir}")
     barrier()

@@ -10,7 +10,7 @@ Each part's section is defined beside the part; the three that belong to no part
     train:      TrainConfig      vlm.training.config     optimisation, precision, checkpoints, logging
     standin:    StandInConfig    vlm.backbones           the embedded default's self-trained backbones (off by default)
     synthetic:  SyntheticConfig  vlm.data.synthetic      the synthetic world (written when ``make_synthetic`` is true)
-    eval:       EvalConfig       here                    which splits, generation settings, the no-image ablation
+    eval:       EvalConfig       here                    splits, generation, COCO results files, METEOR, ablation
     shards:     ShardsConfig     here                    ``pvlm-make-shards`` input and output
     features:   FeaturesConfig   here                    ``pvlm-precompute-features`` output
 """
@@ -35,17 +35,27 @@ __all__ = ["EvalConfig", "ShardsConfig", "FeaturesConfig", "RunConfig", "default
 
 @dataclass
 class EvalConfig:
-    """Captioning evaluation: metrics on each split, sample captions, and the no-image ablation."""
+    """Captioning evaluation in the COCO protocol: one caption per image scored against all its references.
+
+    Writes ``eval/<split>.coco_results.json`` (``[{"image_id", "caption"}]``), ``<split>.coco_annotations.json``
+    (its references in COCO's layout: ``COCOEvalCap`` scores the pair directly), ``<split>.json`` and
+    ``metrics.json``. With ``results_file`` set, ``pvlm-eval`` scores that file instead of a model.
+    """
 
     splits: tuple[str, ...] = ("test",)  # names of data shard specs: val, test, or compositional (synthetic)
     max_samples: int | None = None  # per split; None = all
-    batch_size: int = 64
+    batch_size: int = 64  # images per generate call (pvlm-caption's default --batch-size too)
     max_new_tokens: int = 48
     num_beams: int = 1
     ablation: bool = True  # also caption each image with the image input removed (the prompt alone)
     print_samples: int = 4
     grid_samples: int = 16  # images in the PNG grid of generated vs reference captions (0: none)
     metrics_tokenizer: Literal["auto", "ptb", "simple"] = "auto"  # auto: PTB (Java) when present
+    meteor: bool | None = None  # METEOR (Java, slow); None: when Java is present
+    progress: bool = True  # tqdm bars (stderr) over generation and metrics
+    # score this COCO results file ([{"image_id", "caption"}], e.g. a published one) instead of a model
+    results_file: str = ""
+    annotations_file: str = ""  # its references: a COCO-layout captions file (captions_val2014.json, NoCaps val)
 
     def __post_init__(self) -> None:
         if not self.splits:
@@ -55,31 +65,52 @@ class EvalConfig:
                 raise ValueError(f"eval.{name} must be positive, got {getattr(self, name)}")
         if self.max_samples is not None and self.max_samples <= 0:
             raise ValueError(f"eval.max_samples must be positive or null, got {self.max_samples}")
+        if bool(self.results_file) != bool(self.annotations_file):
+            raise ValueError("eval.results_file and eval.annotations_file go together: set both or neither")
 
 
 @dataclass
 class ShardsConfig:
-    """``pvlm-make-shards``: the synthetic world, a folder of images + captions file, or img2dataset output."""
+    """``pvlm-make-shards``: shards from the synthetic world, a folder of images + captions file, a COCO /
+    Karpathy / NoCaps annotation file + its images, or img2dataset output (one sample per image, all
+    its captions). A new set replaces the old one of the same prefix only once complete."""
 
-    source: Literal["synthetic", "folder", "img2dataset"] = "synthetic"
-    input_dir: str = ""  # folder / img2dataset output (not used for synthetic)
+    source: Literal["synthetic", "folder", "coco", "karpathy", "nocaps", "img2dataset"] = "synthetic"
+    # the images: folder / coco / nocaps: the image folder; karpathy: the folder holding the split file's
+    # filepaths (COCO: train2014/ and val2014/; Flickr30k: the images); img2dataset: its output folder
+    input_dir: str = ""
     captions_file: str = ""  # folder: CSV or JSONL with file name + caption(s)
+    annotations_file: str = ""  # coco: captions_*.json; karpathy: dataset_coco.json etc.; nocaps: its val/test json
+    split: str = ""  # karpathy: train, restval, val or test (several joined by +, e.g. train+restval)
     output_dir: str = ""  # default: <output_dir>/data
-    prefix: str = "train"  # shard name prefix (folder / img2dataset)
+    prefix: str = ""  # shard name prefix; default: the karpathy split (+ becomes _), else "train"
     samples_per_shard: int = 1000
+    progress: bool = True  # tqdm bar (stderr) over the images
 
     def __post_init__(self) -> None:
         if self.samples_per_shard <= 0:
             raise ValueError(f"shards.samples_per_shard must be positive, got {self.samples_per_shard}")
+        if "/" in self.prefix:
+            raise ValueError(f"shards.prefix must be a plain name, got {self.prefix!r}")
+
+    @property
+    def shard_prefix(self) -> str:
+        if self.prefix:
+            return self.prefix
+        return self.split.replace("+", "_") if self.source == "karpathy" and self.split else "train"
 
 
 @dataclass
 class FeaturesConfig:
-    """``pvlm-precompute-features``: run the frozen tower once, write fp16 patch features as new shards."""
+    """``pvlm-precompute-features``: run the frozen tower once, write fp16 patch features as new shards.
+
+    A cache records its source shards, the ``model.vision`` section and the preprocessing; when any of
+    them changed it is rebuilt (``on_change: rebuild``) or the run stops naming the difference."""
 
     output_dir: str = ""  # default: <output_dir>/features
     splits: tuple[str, ...] = ("train", "val", "test")
     batch_size: int = 256
+    on_change: Literal["rebuild", "error"] = "rebuild"  # when the cache was built from other shards/tower/preprocess
 
     def __post_init__(self) -> None:
         if self.batch_size <= 0:

@@ -1,4 +1,4 @@
-"""The commands' steps after `prepare`: build the VLM, train it, load a trained adapter, caption files.
+"""The commands' steps after `prepare`: build the VLM, train it, load a trained adapter, evaluate, caption files.
 
 Each ``pvlm-*`` command is one function here or in `vlm.pipeline.assets` / `vlm.pipeline.evaluate`
 taking a `RunConfig` (plus the command's own options), so tests and notebooks run the same code as
@@ -7,24 +7,34 @@ the console scripts.
 
 from __future__ import annotations
 
+import glob
+import json
+import logging
+import os
 import resource
+import sys
 import time
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
 from PIL import Image
+from tqdm.auto import tqdm
 
 from resampler.config import save_config, to_dict
 
 from ..backbones import register_standin_vision
+from ..data.decode import BadSample, decode_image
 from ..data.reader import CaptionLoader
+from ..data.shards import IMAGE_EXTENSIONS
 from ..distributed import init_distributed, print0, rank
+from ..io import atomic_write
 from ..model import VisionLanguageModel
 from ..training import TrainResult, set_seed, train
 from ..training.fsdp import export_adapter
 from .assets import prepare, split_spec
 from .config import RunConfig
-from .evaluate import run_evaluation
+from .evaluate import run_evaluation, score_results
 
 __all__ = [
     "build_model",
@@ -34,9 +44,12 @@ __all__ = [
     "cache_features",
     "train_adapter",
     "evaluate_adapter",
+    "find_images",
     "caption_files",
     "demo",
 ]
+
+log = logging.getLogger(__name__)
 
 
 def build_model(cfg: RunConfig) -> VisionLanguageModel:
@@ -101,19 +114,93 @@ def train_adapter(cfg: RunConfig) -> tuple[VisionLanguageModel, TrainResult]:
 
 
 def evaluate_adapter(cfg: RunConfig, adapter: str | Path | None = None) -> dict:
-    """``pvlm-eval``: prepare what the splits need, load the trained adapter, evaluate it."""
+    """``pvlm-eval``: prepare what the splits need, load the trained adapter, evaluate it; with
+    ``eval.results_file`` set, score that COCO results file instead (no model)."""
+    if cfg.eval.results_file:
+        return score_results(cfg)
     cfg = prepare(cfg)
     return run_evaluation(cfg, load_trained(cfg, adapter))
 
 
-def caption_files(cfg: RunConfig, images: list[str], adapter: str | Path | None = None) -> list[str]:
-    """``pvlm-caption``: print ``path: caption`` for every image file."""
-    model = load_trained(cfg, adapter)
-    pictures = [Image.open(p).convert("RGB") for p in images]
-    texts = model.caption(pictures, max_new_tokens=cfg.eval.max_new_tokens)
-    for path, text in zip(images, texts):
-        print(f"{path}: {text}")
-    return texts
+def find_images(specs: list[str], skipped: Counter[str]) -> list[Path]:
+    """Image files from paths, folders (every image file under them) and globs, in order, each once.
+
+    A path that does not exist and a glob or folder with no image file are counted in ``skipped``
+    (``missing_file``, ``no_match``), never fatal; a named file is kept whatever its suffix (it is
+    decoded later, and counted there if it is no image).
+    """
+    found: dict[Path, None] = {}
+    for spec in specs:
+        path = Path(spec)
+        if path.is_dir():
+            hits = sorted(
+                p for p in path.rglob("*") if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS
+            )
+        elif path.is_file():
+            hits = [path]
+        elif glob.has_magic(spec):
+            hits = sorted(Path(p) for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
+        else:
+            skipped["missing_file"] += 1
+            log.warning("caption: %s does not exist; skipped", spec)
+            continue
+        if not hits:
+            skipped["no_match"] += 1
+            log.warning("caption: no image file in %s; skipped", spec)
+        found.update(dict.fromkeys(hits))
+    return list(found)
+
+
+def _read_image(path: Path, max_pixels: int, skipped: Counter[str]) -> Image.Image | None:
+    try:
+        return decode_image(path.read_bytes(), max_pixels)[0]
+    except BadSample as bad:
+        reason, detail = bad.reason, str(bad)
+    except OSError as err:
+        reason, detail = "unreadable_file", str(err)
+    skipped[reason] += 1
+    log.warning("caption: skipping %s (%s)", path, detail)
+    return None
+
+
+def caption_files(
+    cfg: RunConfig,
+    images: list[str],
+    adapter: str | Path | None = None,
+    batch_size: int | None = None,
+    output: str | Path | None = None,
+) -> dict[str, str]:
+    """``pvlm-caption``: print ``path: caption`` for every image among ``images`` (files, folders, globs),
+    ``batch_size`` (default ``eval.batch_size``) at a time. Unreadable, corrupt or truncated files are
+    skipped and counted, never fatal; ``output`` also writes ``{"image", "caption"}`` JSON lines
+    (atomically, when all are done). Returns {path: caption}; no readable image at all is an error."""
+    batch_size = cfg.eval.batch_size if batch_size is None else batch_size
+    if batch_size <= 0:
+        raise ValueError(f"--batch-size must be positive, got {batch_size}")
+    skipped: Counter[str] = Counter()
+    paths = find_images(images, skipped)
+    model = load_trained(cfg, adapter) if paths else None
+    captions: dict[str, str] = {}
+    bar = tqdm(total=len(paths), desc="caption", unit="img", disable=not cfg.eval.progress)
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start : start + batch_size]
+        pictures = {p: _read_image(p, cfg.data.max_image_pixels, skipped) for p in chunk}
+        good = [p for p, picture in pictures.items() if picture is not None]
+        if good:
+            texts = model.caption([pictures[p] for p in good], max_new_tokens=cfg.eval.max_new_tokens)
+            for path, text in zip(good, texts):
+                captions[str(path)] = text
+                tqdm.write(f"{path}: {text}", file=sys.stdout)
+        bar.update(len(chunk))
+    bar.close()
+    counts = ", ".join(f"{reason}: {n}" for reason, n in sorted(skipped.items()))
+    print(f"captioned {len(captions)} images; skipped {skipped.total()}" + (f" ({counts})" if counts else ""))
+    if not captions:
+        raise ValueError(f"pvlm-caption: no readable image among {images} (skipped: {counts or 'none found'})")
+    if output:
+        lines = "".join(json.dumps({"image": p, "caption": c}, ensure_ascii=False) + "\n" for p, c in captions.items())
+        atomic_write(output, lines)
+    return captions
 
 
 def demo(cfg: RunConfig) -> dict:
