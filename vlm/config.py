@@ -132,6 +132,9 @@ class LMConfig:
     quantization: Literal["none", "4bit", "8bit"] = "none"
     bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
     bnb_4bit_double_quant: bool = True
+    # dtype the packed 4-bit weights are stored in; set it to ``dtype`` under train.distributed=fsdp
+    # (bitsandbytes' FSDP-QLoRA guide: the packed weights then share the dtype of the rest of their unit)
+    bnb_4bit_quant_storage: Literal["uint8", "float32", "bfloat16", "float16"] = "uint8"
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
 

@@ -39,11 +39,13 @@ def quantization_config(config: LMConfig):
     from transformers import BitsAndBytesConfig
 
     if config.quantization == "4bit":
+        storage = config.bnb_4bit_quant_storage
         return BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type=config.bnb_4bit_quant_type,
             bnb_4bit_use_double_quant=config.bnb_4bit_double_quant,
             bnb_4bit_compute_dtype=torch_dtype(config.dtype),
+            bnb_4bit_quant_storage=torch.uint8 if storage == "uint8" else torch_dtype(storage),
         )
     if config.quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
@@ -62,7 +64,8 @@ def load_language_model(config: LMConfig) -> nn.Module:
     quant = quantization_config(config)
     if quant is not None:
         kwargs["quantization_config"] = quant
-        kwargs["device_map"] = {"": "cuda:0" if torch.cuda.is_available() else "cpu"}
+        # this process's GPU (init_distributed selects cuda:<local rank>), not every rank on cuda:0
+        kwargs["device_map"] = {"": f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"}
     return AutoModelForCausalLM.from_pretrained(config.name_or_path, **kwargs)
 
 

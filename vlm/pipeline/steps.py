@@ -24,7 +24,6 @@ from tqdm.auto import tqdm
 from resampler.config import save_config, to_dict
 
 from ..backbones import register_standin_vision
-from ..checkpoint import save_adapter
 from ..data.decode import BadSample, decode_image
 from ..data.reader import CaptionLoader
 from ..data.shards import IMAGE_EXTENSIONS
@@ -32,6 +31,7 @@ from ..distributed import init_distributed, print0, rank
 from ..io import atomic_write
 from ..model import VisionLanguageModel
 from ..training import TrainResult, set_seed, train
+from ..training.fsdp import export_adapter
 from .assets import prepare, split_spec
 from .config import RunConfig
 from .evaluate import run_evaluation, score_results
@@ -70,7 +70,7 @@ def train_loader(cfg: RunConfig, model: VisionLanguageModel) -> CaptionLoader:
 
 
 def run_training(cfg: RunConfig, model: VisionLanguageModel | None = None) -> tuple[VisionLanguageModel, TrainResult]:
-    """Train and write ``<output_dir>/adapter`` (the adapter-only checkpoint) on rank 0."""
+    """Train and write ``<output_dir>/adapter`` (the adapter-only checkpoint) on rank 0 (every rank calls)."""
     model = build_model(cfg) if model is None else model
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
@@ -82,8 +82,8 @@ def run_training(cfg: RunConfig, model: VisionLanguageModel | None = None) -> tu
     loader = train_loader(cfg, model)
     result = train(model, loader, cfg.train, cfg.out, seed=cfg.seed, run_config=to_dict(cfg))
     seconds = time.perf_counter() - start
-    if rank() == 0 and result.step == cfg.train.max_steps:
-        save_adapter(model, cfg.out / "adapter", step=result.step)
+    if result.step == cfg.train.max_steps:
+        export_adapter(model, cfg.out / "adapter", step=result.step)  # rank 0 writes; a sharded model is gathered first
     tail = result.losses[-20:] or [float("nan")]
     print0(f"train: {result.step} steps, last loss {sum(tail) / len(tail):.4f}, {seconds:.1f} s this call")
     print0(

@@ -33,6 +33,9 @@ class TrainConfig:
     # auto: the device a model placed off the CPU is on, else cuda:<local rank> when available, else cpu;
     # an explicit device (cpu, cuda, cuda:1, mps) must exist here, and the model is moved to it
     device: str = "auto"
+    # N processes: ddp = full replicas + one gradient all-reduce per step; fsdp = torch FSDP2 shards the LM's
+    # decoder layers, the connector and the gated blocks over the ranks, with sharded checkpoints (vlm.training.fsdp)
+    distributed: Literal["ddp", "fsdp"] = "ddp"
     checkpoint_every: int = 0  # optimizer steps between checkpoints; 0: only the final one
     max_bad_steps: int = 5  # non-finite loss/gradient steps in a row (each skipped) before the run stops
     keep_checkpoints: int = 2
@@ -64,6 +67,13 @@ class TrainConfig:
             raise ValueError(f"train.lr and train.lora_lr must be >= 0, got {self.lr}, {self.lora_lr}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.distributed not in ("ddp", "fsdp"):
+            raise ValueError(f"train.distributed must be 'ddp' or 'fsdp', got {self.distributed!r}")
+        if self.distributed == "fsdp" and self.precision == "fp16":
+            raise ValueError(
+                "train.distributed=fsdp trains in fp32 or bf16: fp16 needs a loss scaler whose overflow check "
+                "spans every shard, which FSDP2 does not provide; set train.precision=bf16 (or fp32)"
+            )
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             raise ValueError(f"train.max_grad_norm must be positive or null, got {self.max_grad_norm}")
 

@@ -23,6 +23,7 @@ class StepGuard:
 
     def __init__(self, params: Iterable[Tensor], optimizer: torch.optim.Optimizer) -> None:
         self.params = list(params)
+        self.local = [_local(p.detach()) for p in self.params]  # this rank's shard of an FSDP DTensor
         self.optimizer = optimizer
         self._weights: list[Tensor] | None = None
         self._state: dict[Tensor, dict] = {}
@@ -30,9 +31,9 @@ class StepGuard:
     @torch.no_grad()
     def snapshot(self) -> None:
         if self._weights is None:
-            self._weights = [p.detach().clone() for p in self.params]
+            self._weights = [t.clone() for t in self.local]
         else:
-            torch._foreach_copy_(self._weights, [p.detach() for p in self.params])
+            torch._foreach_copy_(self._weights, self.local)
         saved = {}
         for p in self.params:
             state = self.optimizer.state.get(p)
@@ -44,15 +45,15 @@ class StepGuard:
 
     @torch.no_grad()
     def finite(self) -> bool:
-        """True when every trainable parameter is finite (one device synchronisation)."""
-        checks = [torch.isfinite(p).all() for p in self.params if p.is_floating_point()]
+        """True when every trainable parameter is finite (on this rank; one device synchronisation)."""
+        checks = [torch.isfinite(t).all() for t in self.local if t.is_floating_point()]
         return bool(torch.stack([c.to(checks[0].device) for c in checks]).all()) if checks else True
 
     @torch.no_grad()
     def restore(self) -> None:
         if self._weights is None:
             raise RuntimeError("StepGuard.restore() before snapshot()")
-        torch._foreach_copy_([p.detach() for p in self.params], self._weights)
+        torch._foreach_copy_(self.local, self._weights)
         for p in self.params:
             if p not in self._state:
                 self.optimizer.state.pop(p, None)  # the undone step was this parameter's first
@@ -63,6 +64,10 @@ class StepGuard:
                     state[k].copy_(v)
                 else:
                     state[k] = v.clone() if isinstance(v, Tensor) else v
+
+
+def _local(tensor: Tensor) -> Tensor:
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 def _copy_into(buffer, value):

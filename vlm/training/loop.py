@@ -12,7 +12,9 @@ of them in a row stop the run with a checkpoint of the last good (finite) state,
 The model is anything whose ``model(**batch)`` returns an object with ``.loss``; its trainable
 parameters are those with ``requires_grad``. Launch N processes with
 ``torchrun --standalone --nproc_per_node N ...``: every rank sees its own slice of each global batch
-and gradients are averaged with one all-reduce per optimizer step (after accumulation).
+and gradients are averaged with one all-reduce per optimizer step (after accumulation). With
+``train.distributed=fsdp`` the model is sharded instead (`vlm.training.fsdp`: FSDP2 reduce-scatters the
+gradients in backward) and checkpoints are sharded (`vlm.training.sharded`).
 """
 
 from __future__ import annotations
@@ -29,8 +31,10 @@ import torch
 from torch import Tensor, nn
 
 from ..distributed import any_rank, average_gradients, broadcast_parameters, mean_over_ranks, print0, rank, world_size
+from . import sharded
 from .batches import BatchStream
 from .config import TrainConfig, TrainResult, resolve_device
+from .fsdp import shard_model
 from .guard import StepGuard
 from .metrics import MetricLogger, progress_bar
 from .optim import build_optimizer, warmup_cosine
@@ -74,7 +78,15 @@ def train(
         trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    broadcast_parameters(trainable.values())
+    fsdp = config.distributed == "fsdp"
+    if not fsdp:
+        broadcast_parameters(trainable.values())
+    else:  # broadcast, then shard (unless sharded already); parameters become DTensors: rebuild what refers to them
+        model = shard_model(model, config)
+        trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        device = _model_device(model)
+    save, load = (sharded.save_checkpoint, sharded.load_checkpoint) if fsdp else (save_checkpoint, load_checkpoint)
+    weights = model if fsdp else trainable  # what the checkpoint functions read and restore
     optimizer = build_optimizer(model, config)
     schedule = warmup_cosine(config.max_steps, config.warmup_steps, config.min_lr_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
@@ -82,10 +94,10 @@ def train(
     stream = BatchStream(loader)
 
     start_step = 0
-    ckpt = find_checkpoint(out) if config.resume else None
+    ckpt = (sharded.find_checkpoint if fsdp else find_checkpoint)(out) if config.resume else None
     if ckpt is not None:
-        start_step = load_checkpoint(ckpt, trainable, optimizer, scheduler, scaler, stream)
-        print0(f"train: resuming from {ckpt.path} (step {start_step} of {config.max_steps})")
+        start_step = load(ckpt, weights, optimizer, scheduler, scaler, stream)
+        print0(f"train: resuming from {getattr(ckpt, 'path', ckpt)} (step {start_step} of {config.max_steps})")
     guard = StepGuard(trainable.values(), optimizer)
     if main:
         out.mkdir(parents=True, exist_ok=True)
@@ -106,14 +118,16 @@ def train(
                 loss = model(**batch).loss
             if bad or not torch.isfinite(loss):  # keep consuming the step's micro-batches, skip their backward
                 bad = True
-                continue
+                if not fsdp:  # fsdp: every rank runs every backward (it holds collectives); the step is skipped
+                    continue
             scaler.scale(loss / config.grad_accum_steps).backward()
             step_loss += loss.item() / config.grad_accum_steps
             samples += _batch_size(batch)
         skip, grad_norm = any_rank(bad), math.nan
         why = "non-finite loss or gradient"
         if not skip:
-            average_gradients(trainable.values())
+            if not fsdp:
+                average_gradients(trainable.values())
             scaler.unscale_(optimizer)
             grad_norm = _clip(trainable.values(), config.max_grad_norm)
             skip = not math.isfinite(grad_norm) and not scaler.is_enabled()  # fp16: the scaler skips, rescales
@@ -129,9 +143,7 @@ def train(
             skipped, bad_in_row = skipped + 1, bad_in_row + 1
             _warn(f"train: skipped step {step + 1}: {why} ({bad_in_row} in a row)")
             if bad_in_row >= config.max_bad_steps:
-                path = save_checkpoint(
-                    out, step, trainable, optimizer, scheduler, scaler, stream, config, run_config, prune=False
-                )
+                path = save(out, step, weights, optimizer, scheduler, scaler, stream, config, run_config, prune=False)
                 raise FloatingPointError(
                     f"train: {bad_in_row} optimizer steps in a row were skipped ({why}; "
                     f"train.max_bad_steps={config.max_bad_steps}); stopped after step {step}. The last good state "
@@ -151,7 +163,7 @@ def train(
             progress.update(1)
             progress.set_postfix(loss=f"{step_loss:.4f}", refresh=False)
         if step == end_step or (config.checkpoint_every and step % config.checkpoint_every == 0):
-            save_checkpoint(out, step, trainable, optimizer, scheduler, scaler, stream, config, run_config)
+            save(out, step, weights, optimizer, scheduler, scaler, stream, config, run_config)
     if progress is not None:
         progress.close()
     logger.close(plot=config.plot and step == config.max_steps)
