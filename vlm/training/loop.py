@@ -4,7 +4,10 @@
 (separate learning rates for the connector and for LoRA) with the warmup-cosine schedule, gradient
 accumulation, clipping, an fp32/bf16/fp16 autocast choice, atomic checkpoints every N steps
 (`vlm.training.state`) and a resume that continues the same run bit for bit. Metrics go to
-``metrics.csv`` and TensorBoard, and a loss-curve PNG is drawn at the end (`vlm.training.metrics`).
+``metrics.csv``, TensorBoard (and Weights & Biases when asked) with a console line every
+``train.log_every`` steps, and a loss-curve PNG is drawn at the end (`vlm.training.metrics`). A
+``validate(step)`` callback runs every ``train.eval_every`` steps, its RNG use kept out of the run.
+SIGINT/SIGTERM stop the run after the current step with a checkpoint (`vlm.training.interrupt`).
 
 The model is anything whose ``model(**batch)`` returns an object with ``.loss``; its trainable
 parameters are those with ``requires_grad``. Launch N processes with
@@ -17,7 +20,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -25,12 +28,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..distributed import any_rank, average_gradients, broadcast_parameters, mean_over_ranks, rank, world_size
+from ..distributed import any_rank, average_gradients, broadcast_parameters, mean_over_ranks, print0, rank, world_size
 from .batches import BatchStream
 from .config import TrainConfig, TrainResult
+from .interrupt import StopOnSignal
 from .metrics import MetricLogger, progress_bar
 from .optim import build_optimizer, warmup_cosine
 from .state import CHECKPOINT_DIR, latest_checkpoint, load_checkpoint, save_checkpoint, set_seed
+from .validation import preserved_rng
 
 __all__ = ["train", "enable_gradient_checkpointing"]
 
@@ -44,6 +49,7 @@ def train(
     seed: int = 0,
     run_config: dict[str, Any] | None = None,
     stop_after: int | None = None,
+    validate: Callable[[int], dict[str, float]] | None = None,
 ) -> TrainResult:
     """Train ``model``'s trainable parameters on batches from ``loader``; see the module docstring.
 
@@ -57,7 +63,19 @@ def train(
         run_config: the full run configuration, stored in every checkpoint for the record.
         stop_after: stop (with a checkpoint) after this many optimizer steps of this call — for
             tests and for time-boxed jobs; the run can then be resumed.
+        validate: called with the step every ``config.eval_every`` steps (on every rank); the metrics
+            it returns are logged (``eval_metrics.csv``, TensorBoard ``val/*``). The RNG state is
+            restored after it, so validating never changes the training run.
+
+    SIGINT/SIGTERM during the call: the step in progress completes, a checkpoint is written and the
+    call returns with ``stopped_by`` set to the signal's name; a second signal raises
+    `vlm.training.interrupt.TrainingAborted`.
     """
+    with StopOnSignal(enabled=config.stop_on_signal) as stop:
+        return _train(model, loader, config, output_dir, seed, run_config, stop_after, validate, stop)
+
+
+def _train(model, loader, config, output_dir, seed, run_config, stop_after, validate, stop) -> TrainResult:
     out = Path(output_dir)
     main, world = rank() == 0, world_size()
     device = _model_device(model)
@@ -78,6 +96,7 @@ def train(
     ckpt = latest_checkpoint(out) if config.resume else None
     if ckpt is not None:
         start_step = load_checkpoint(ckpt, trainable, optimizer, scheduler, scaler, stream)
+        print0(f"train: resuming from step {start_step} of {config.max_steps} (checkpoint {ckpt})")
     if main:
         out.mkdir(parents=True, exist_ok=True)
     logger = MetricLogger(out, start_step, config, enabled=main)
@@ -88,6 +107,7 @@ def train(
     losses: list[float] = []
     step = start_step
     skipped, bad_in_row = 0, 0
+    stopped_by, stop_path = None, None
     tick = time.perf_counter()
     while step < end_step:
         step_loss, samples, bad = 0.0, 0, False
@@ -133,12 +153,22 @@ def train(
         if progress is not None:
             progress.update(1)
             progress.set_postfix(loss=f"{step_loss:.4f}", refresh=False)
-        if step == end_step or (config.checkpoint_every and step % config.checkpoint_every == 0):
-            save_checkpoint(out, step, trainable, optimizer, scheduler, scaler, stream, config, run_config)
+        if validate is not None and config.eval_every and step % config.eval_every == 0:
+            with preserved_rng():
+                logger.log_eval(step, validate(step))
+            model.train()
+        stopping = stop.requested()
+        if stopping or step == end_step or (config.checkpoint_every and step % config.checkpoint_every == 0):
+            path = save_checkpoint(out, step, trainable, optimizer, scheduler, scaler, stream, config, run_config)
+            if stopping:
+                stopped_by, stop_path = stop.signal_name, path
+                break
     if progress is not None:
         progress.close()
     logger.close(plot=config.plot and step == config.max_steps)
-    return TrainResult(step, losses, start_step, out, out / "metrics.csv", logger.rows, skipped)
+    return TrainResult(
+        step, losses, start_step, out, out / "metrics.csv", logger.rows, skipped, stopped_by, stop_path
+    )
 
 
 def _warn(message: str) -> None:
