@@ -66,11 +66,12 @@ def requested_processes(command: list[str] | None = None) -> int | None:
     return int(getattr(load_config_from_file(config_file), "num_processes", 1) or 1)
 
 
-def check_launch() -> None:
-    """Refuse a run whose launcher was asked for more processes than this world has."""
+def check_launch(command: list[str] | None = None) -> None:
+    """Refuse a run whose launcher was asked for more processes than this world has (``command``: the
+    launcher's command line; default: the parent process's)."""
     if launched_by() != "accelerate":
         return
-    wanted, world = requested_processes(), world_size()
+    wanted, world = requested_processes(command), world_size()
     if wanted is not None and wanted > world:
         raise ValueError(
             f"accelerate launch asked for {wanted} processes but started {world}: accelerate runs several CPU "

@@ -45,6 +45,7 @@ RESUMABLE = (
     "train.resume",
     "eval.",
     "threads",
+    "output_dir",  # a run directory may be moved
     "shards.progress",
     "features.batch_size",
 )

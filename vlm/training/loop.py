@@ -166,9 +166,7 @@ def _train(model, loader, config, output_dir, seed, run_config, stop_after, vali
     if progress is not None:
         progress.close()
     logger.close(plot=config.plot and step == config.max_steps)
-    return TrainResult(
-        step, losses, start_step, out, out / "metrics.csv", logger.rows, skipped, stopped_by, stop_path
-    )
+    return TrainResult(step, losses, start_step, out, out / "metrics.csv", logger.rows, skipped, stopped_by, stop_path)
 
 
 def _warn(message: str) -> None:

@@ -55,7 +55,11 @@ def validation_loss(model: nn.Module, batches: Iterable[dict[str, Any]], max_bat
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             loss = float(model(**batch).loss)
             labels = batch.get("labels")
-            n = int((labels[:, 1:] != -100).sum()) if isinstance(labels, torch.Tensor) else len(next(iter(batch.values())))
+            n = (
+                int((labels[:, 1:] != -100).sum())
+                if isinstance(labels, torch.Tensor)
+                else len(next(iter(batch.values())))
+            )
             total, count = total + loss * n, count + n
     finally:
         model.train(was_training)
