@@ -6,7 +6,8 @@ come from). Writes are atomic (`vlm.io.atomic_directory`); loads are strict.
 
     directory/
       adapter.safetensors
-      manifest.json    # vision name/tag, LM id/revision/model_type/hidden size, vocab, full config
+      manifest.json    # vision name/tag (+ a registered open_clip config), LM id/revision/model_type/hidden size,
+                       # vocab, full config
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from resampler.config import from_dict, to_dict
 
 from .config import VLMConfig
 from .io import atomic_directory
+from .local import open_clip_model_config, register_open_clip_config
 
 __all__ = ["save_adapter", "load_adapter", "adapter_state_dict", "read_manifest", "read_weights", "load_component"]
 
@@ -59,6 +61,10 @@ def _manifest(model) -> dict:
             "pretrained": model.config.vision.pretrained,
             "width": model.vision.width,
             "num_patches": model.vision.num_patches,
+            # a tower registered with open_clip.add_model_config exists only where it was registered
+            "open_clip_config": open_clip_model_config(model.config.vision.name)
+            if model.config.vision.kind == "open_clip"
+            else None,
         },
         "lm": {
             "name_or_path": model.config.lm.name_or_path,
@@ -212,6 +218,8 @@ def load_adapter(
     if listed is not None and {k: list(v.shape) for k, v in state.items()} != listed:
         raise ValueError(f"{directory}: {WEIGHTS} does not hold the tensors its manifest lists; nothing was loaded")
     _check_given_parts(manifest, directory, vision_model, lm)
+    if vision_model is None and config.vision.kind == "open_clip":
+        register_open_clip_config(config.vision.name, manifest["vision"].get("open_clip_config"), str(directory))
     model = cls(config, vision_model=vision_model, lm=lm, tokenizer=tokenizer, preprocess=preprocess)
     _check_compatible(model, manifest, directory)
     load_adapter_weights(model, state, directory)
