@@ -75,7 +75,7 @@ def test_make_shards_and_precompute_features_commands(tmp_path):
     args = ["--config", str(TINY / "make_shards.yaml"), f"output_dir={tmp_path}"]
     main_make_shards(args)
     assert sorted(p.name for p in (tmp_path / "data").glob("train-*.tar")) == ["train-000000.tar", "train-000001.tar"]
-    args = ["--config", str(TINY / "precompute_features.yaml"), f"output_dir={tmp_path}", "standin.vision.steps=1",
+    args = ["--config", str(TINY / "train.yaml"), f"output_dir={tmp_path}", "standin.vision.steps=1",
             "standin.lm.steps=1", "features.splits=[test]"]  # fmt: skip
     main_precompute_features(args)
     index = json.loads((tmp_path / "features" / "test-features.json").read_text())
@@ -110,7 +110,7 @@ def test_demo_console_script_exits_zero_and_reports(tmp_path):
     script = Path(sys.executable).parent / "pvlm-demo"
     if not script.exists():
         pytest.skip(f"console script not installed next to {sys.executable} (run scripts/install.sh)")
-    config = Path(__file__).resolve().parents[1] / "configs" / "tiny" / "demo.yaml"
+    config = Path(__file__).resolve().parents[1] / "configs" / "tiny" / "train.yaml"
     proc = subprocess.run(
         [str(script), "--config", str(config), f"output_dir={tmp_path / 'run'}"],
         capture_output=True,

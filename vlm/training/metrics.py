@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -215,7 +216,7 @@ def _start_wandb(out: Path, config: TrainConfig):
     from resampler.config import to_dict
 
     id_file = out / "wandb_run_id"
-    run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+    run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
     atomic_write(id_file, run_id)
     return wandb.init(
         project=config.wandb_project, id=run_id, resume="allow", dir=str(out), config=to_dict(config), name=out.name
