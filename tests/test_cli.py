@@ -13,12 +13,26 @@ from vlm.cli import main_caption, main_eval, main_make_shards, main_precompute_f
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny"
 
 
-def shared_assets(root: Path) -> list[str]:
-    """Overrides that put the world, the stand-ins and the feature cache in one place for all runs."""
+def asset_dirs(root: Path) -> list[str]:
+    """Overrides that put the world, the stand-ins and the feature cache under ``root``, for all runs."""
     return [
         f"shards.output_dir={root / 'data'}",
         f"standin.dir={root / 'backbones'}",
         f"features.output_dir={root / 'features'}",
+    ]
+
+
+def tiny_train_command(root: Path) -> list[str]:
+    """``python -m vlm.cli train`` on the tiny config with its assets under ``root`` (for subprocesses)."""
+    import sys
+
+    return [sys.executable, "-m", "vlm.cli", "train", "--config", str(TINY / "train.yaml"), *asset_dirs(root)]
+
+
+def shared_assets(root: Path) -> list[str]:
+    """`asset_dirs` on a smaller world, the first caption of each image."""
+    return [
+        *asset_dirs(root),
         "synthetic.split_sizes={train: 8, val: 8, test: 8, compositional: 8}",
         "data.caption_choice=first",
     ]

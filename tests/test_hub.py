@@ -37,15 +37,13 @@ def _batch(model):
 
 
 @pytest.fixture(scope="module")
-def on_disk(tmp_path_factory):
+def on_disk(tiny_base_on_disk):
     """A trained VLM whose base parts are files (clip weights, an LM directory), as a user's would be."""
-    root = tmp_path_factory.mktemp("hub")
+    import copy
+
+    root, config = tiny_base_on_disk
     clip_model, preprocess, lm, tokenizer = tiny_parts("llama")
-    torch.save(clip_model.state_dict(), root / "clip.pt")
-    lm.save_pretrained(root / "lm")
-    tokenizer.save_pretrained(root / "lm")
-    config = tiny_vlm_config("llama")
-    config.vision.pretrained, config.lm.name_or_path = str(root / "clip.pt"), str(root / "lm")
+    config = copy.deepcopy(config)
     model = _trained(VisionLanguageModel.from_parts(clip_model, lm, tokenizer, config, preprocess=preprocess))
     return root, model
 

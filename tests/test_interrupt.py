@@ -127,18 +127,14 @@ def test_cli_sigint_exits_130_with_a_resume_line_and_the_rerun_gives_the_same_ad
     saying how to resume, a checkpoint at the interrupted step; the re-run's adapter is bit-identical
     to an uninterrupted run's."""
     import subprocess
-    import sys
     import time
     from pathlib import Path
 
     from safetensors.torch import load_file
+    from test_cli import tiny_train_command
 
     root = Path(__file__).resolve().parents[1]
-    common = [
-        sys.executable, "-m", "vlm.cli", "train", "--config", str(root / "configs" / "tiny" / "train.yaml"),
-        f"shards.output_dir={tmp_path / 'data'}", f"standin.dir={tmp_path / 'backbones'}",
-        f"features.output_dir={tmp_path / 'features'}", "train.max_steps=200", "train.checkpoint_every=50",
-    ]  # fmt: skip
+    common = [*tiny_train_command(tmp_path), "train.max_steps=200", "train.checkpoint_every=50"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root))
     subprocess.run([*common, f"output_dir={tmp_path / 'full'}"], check=True, env=env, capture_output=True)
 

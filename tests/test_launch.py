@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_cli import tiny_train_command
 
 from vlm.launch import check_launch, describe_world, requested_processes
 
@@ -51,11 +52,7 @@ def _free_port() -> int:
 
 
 def _train_command(tmp_path: Path, out: str) -> list[str]:
-    return [
-        "-m", "vlm.cli", "train", "--config", str(ROOT / "configs" / "tiny" / "train.yaml"),
-        f"shards.output_dir={tmp_path / 'data'}", f"standin.dir={tmp_path / 'backbones'}",
-        f"features.output_dir={tmp_path / 'features'}", "train.max_steps=8", f"output_dir={tmp_path / out}",
-    ]  # fmt: skip
+    return [*tiny_train_command(tmp_path)[1:], "train.max_steps=8", f"output_dir={tmp_path / out}"]
 
 
 def _env() -> dict[str, str]:

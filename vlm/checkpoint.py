@@ -217,12 +217,19 @@ def load_adapter(
     listed = manifest.get("tensors")
     if listed is not None and {k: list(v.shape) for k, v in state.items()} != listed:
         raise ValueError(f"{directory}: {WEIGHTS} does not hold the tensors its manifest lists; nothing was loaded")
-    _check_given_parts(manifest, directory, vision_model, lm)
-    if vision_model is None and config.vision.kind == "open_clip":
-        register_open_clip_config(config.vision.name, manifest["vision"].get("open_clip_config"), str(directory))
-    model = cls(config, vision_model=vision_model, lm=lm, tokenizer=tokenizer, preprocess=preprocess)
-    _check_compatible(model, manifest, directory)
+    model = build_for_manifest(cls, manifest, config, directory, vision_model, lm, tokenizer, preprocess)
     load_adapter_weights(model, state, directory)
+    return model
+
+
+def build_for_manifest(cls, manifest: dict, config, where, vision_model=None, lm=None, tokenizer=None, preprocess=None):
+    """``cls(config, parts...)`` after checking the given parts against ``manifest`` (and registering its
+    open_clip tower config when the tower is loaded by name), checked against the manifest once built."""
+    _check_given_parts(manifest, Path(where), vision_model, lm)
+    if vision_model is None and config.vision.kind == "open_clip":
+        register_open_clip_config(config.vision.name, manifest["vision"].get("open_clip_config"), str(where))
+    model = cls(config, vision_model=vision_model, lm=lm, tokenizer=tokenizer, preprocess=preprocess)
+    _check_compatible(model, manifest, Path(where))
     return model
 
 

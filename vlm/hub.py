@@ -34,11 +34,11 @@ from torch import Tensor
 
 from resampler.config import from_dict
 
-from .checkpoint import _check_compatible, _check_given_parts, _manifest, adapter_state_dict, load_adapter_weights
+from .checkpoint import _manifest, adapter_state_dict, build_for_manifest, load_adapter_weights
 from .config import VLMConfig
 from .io import atomic_directory
 from .language import is_quantized, unwrap_lm
-from .local import check_local_path, is_local_path, register_open_clip_config
+from .local import check_local_path, is_local_path
 
 __all__ = ["MODEL_TYPE", "save_pretrained", "from_pretrained", "push_to_hub", "merge_and_export"]
 
@@ -139,11 +139,7 @@ def from_pretrained(
     connector = load_file(str(where / CONNECTOR))
     if {k: list(v.shape) for k, v in connector.items()} != manifest.get("tensors"):
         raise ValueError(f"{where}: {CONNECTOR} does not hold the tensors its {CONFIG} lists; nothing was loaded")
-    _check_given_parts(manifest, where, vision_model, lm)
-    if vision_model is None and config.vision.kind == "open_clip":
-        register_open_clip_config(config.vision.name, manifest["vision"].get("open_clip_config"), str(where))
-    model = cls(config, vision_model=vision_model, lm=lm, tokenizer=tokenizer, preprocess=preprocess)
-    _check_compatible(model, manifest, where)
+    model = build_for_manifest(cls, manifest, config, where, vision_model, lm, tokenizer, preprocess)
     state = dict(connector)
     if manifest.get("lora_subfolder"):
         state.update(_load_lora(model, where / manifest["lora_subfolder"]))
