@@ -7,7 +7,8 @@ weights file (`vlm.integrity`); a state with a non-finite value is never written
 
     directory/
       adapter.safetensors
-      manifest.json    # vision name/tag, LM id/revision/model_type/hidden size, vocab, full config, digests
+      manifest.json    # vision name/tag (+ a registered open_clip config), LM id/revision/model_type/hidden size,
+                       # vocab, full config, digests
 
 Loading an adapter from a stranger (`load_adapter`) runs every check before the caller's objects are
 touched, in this order: both files are regular files inside the directory; the manifest is
@@ -34,9 +35,19 @@ from torch import Tensor, nn
 from .integrity import IntegrityError, digest, read_verified, regular_file_inside
 from .io import atomic_directory, write_bytes
 from .language import load_language_model, load_tokenizer
+from .local import register_open_clip_config
 from .manifest import MANIFEST, build_manifest, manifest_config, read_manifest
 
-__all__ = ["save_adapter", "load_adapter", "adapter_state_dict", "read_manifest", "read_weights", "load_component"]
+__all__ = [
+    "save_adapter",
+    "load_adapter",
+    "adapter_state_dict",
+    "build_for_manifest",
+    "load_adapter_weights",
+    "read_manifest",
+    "read_weights",
+    "load_component",
+]
 
 log = logging.getLogger(__name__)
 
@@ -156,14 +167,17 @@ def _check_given_parts(manifest: dict, directory: Path, vision_model, lm) -> Non
         )
 
 
-def _load_missing_parts(config, directory: Path, vision_model, preprocess, lm, tokenizer):
-    """The base parts the caller did not pass, loaded from the names in the (possibly foreign) manifest."""
+def _load_missing_parts(config, manifest: dict, directory: Path, vision_model, preprocess, lm, tokenizer):
+    """The base parts the caller did not pass, loaded from the names in the (possibly foreign) manifest
+    (an open_clip tower registered where the adapter was trained is registered here from the manifest)."""
     if vision_model is None:
-        from .vision import load_open_clip
+        from .towers import load_vision
 
+        if config.vision.kind == "open_clip":
+            register_open_clip_config(config.vision.name, manifest["vision"].get("open_clip_config"), str(directory))
         log.info("%s: loading the vision tower its manifest names: %r, pretrained=%r", directory,
                  config.vision.name, config.vision.pretrained)  # fmt: skip
-        vision_model, preprocess = load_open_clip(config.vision)
+        vision_model, preprocess = load_vision(config.vision)
     if lm is None:
         log.info("%s: loading the LM its manifest names: %r (revision %r)", directory, config.lm.name_or_path,
                  config.lm.revision)  # fmt: skip
@@ -273,19 +287,31 @@ def load_adapter(
     listed = manifest.get("tensors")
     if listed is not None and {k: list(v.shape) for k, v in state.items()} != listed:
         raise ValueError(f"{directory}: {WEIGHTS} does not hold the tensors its manifest lists; nothing was loaded")
-    _check_given_parts(manifest, directory, vision_model, lm)
+    model = build_for_manifest(cls, manifest, config, directory, vision_model, lm, tokenizer, preprocess, state)
+    load_adapter_weights(model, state, directory)
+    return model
+
+
+def build_for_manifest(
+    cls, manifest: dict, config, where, vision_model=None, lm=None, tokenizer=None, preprocess=None, state=None
+):
+    """``cls(config, parts...)`` for a validated ``manifest``: the given parts checked against it, the
+    missing ones loaded by its names, the tensors the model will expect compared with ``state`` (when
+    given) on a meta-device build, and the real model checked against the manifest once built."""
+    where = Path(where)
+    _check_given_parts(manifest, where, vision_model, lm)
     vision_model, preprocess, lm, tokenizer = _load_missing_parts(
-        config, directory, vision_model, preprocess, lm, tokenizer
+        config, manifest, where, vision_model, preprocess, lm, tokenizer
     )
     try:
         expected = _expected_tensors(cls, config, manifest, vision_model, lm, tokenizer, preprocess)
     except ValueError as err:
-        raise ValueError(f"{directory}: {err}") from None
-    _compare(expected, state, directory)
+        raise ValueError(f"{where}: {err}") from None
+    if state is not None:
+        _compare(expected, state, where)
     model = cls(config, vision_model=vision_model, lm=lm, tokenizer=tokenizer, preprocess=preprocess)
     _check_built(model, manifest)
     _adopt_token_rows(model, manifest)
-    load_adapter_weights(model, state, directory)
     return model
 
 

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .config import LMConfig, LoRAConfig
+from .local import check_local_path
 from .registry import lora_targets
 
 __all__ = [
@@ -56,6 +57,7 @@ def load_language_model(config: LMConfig) -> nn.Module:
     """``AutoModelForCausalLM`` from a hub id or local directory, in ``lm.dtype``, optionally quantized."""
     from transformers import AutoModelForCausalLM
 
+    check_local_path(config.name_or_path, "lm.name_or_path")
     kwargs = {
         "revision": config.revision,
         "dtype": torch_dtype(config.dtype),
@@ -72,6 +74,7 @@ def load_language_model(config: LMConfig) -> nn.Module:
 def load_tokenizer(config: LMConfig):
     from transformers import AutoTokenizer
 
+    check_local_path(config.name_or_path, "lm.name_or_path")
     return AutoTokenizer.from_pretrained(
         config.name_or_path, revision=config.revision, trust_remote_code=config.trust_remote_code
     )

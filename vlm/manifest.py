@@ -42,7 +42,14 @@ _OPT_STR = (str, None)
 _SCHEMA: dict[str, Any] = {
     "format_version": int,
     "?library": {"name": str, "version": str},
-    "vision": {"?kind": str, "name": str, "pretrained": _OPT_STR, "width": int, "num_patches": int},
+    "vision": {
+        "?kind": str,
+        "name": str,
+        "pretrained": _OPT_STR,
+        "width": int,
+        "num_patches": int,
+        "?open_clip_config": (dict, None),
+    },
     "lm": {
         "name_or_path": str,
         "?revision": _OPT_STR,
@@ -61,10 +68,12 @@ _SCHEMA: dict[str, Any] = {
 }
 
 
-def build_manifest(model, tensors: dict, files: dict[str, dict], step: int | None = None) -> dict:
+def build_manifest(model, tensors: dict, files: dict[str, dict] | None = None, step: int | None = None) -> dict:
     """The manifest of ``model``'s adapter: its parts, vocabulary, config, tensor shapes and file records."""
     import resampler
     from resampler.config import to_dict
+
+    from .local import open_clip_model_config
 
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -75,6 +84,10 @@ def build_manifest(model, tensors: dict, files: dict[str, dict], step: int | Non
             "pretrained": model.config.vision.pretrained,
             "width": model.vision.width,
             "num_patches": model.vision.num_patches,
+            # a tower registered with open_clip.add_model_config exists only where it was registered
+            "open_clip_config": open_clip_model_config(model.config.vision.name)
+            if model.config.vision.kind == "open_clip"
+            else None,
         },
         "lm": {
             "name_or_path": model.config.lm.name_or_path,
@@ -99,8 +112,9 @@ def build_manifest(model, tensors: dict, files: dict[str, dict], step: int | Non
         },
         "config": to_dict(model.config),
         "tensors": {k: list(v.shape) for k, v in tensors.items()},
-        "files": files,
     }
+    if files is not None:
+        manifest["files"] = files
     if step is not None:
         manifest["step"] = int(step)
     return manifest

@@ -44,6 +44,15 @@ class TrainConfig:
     progress: bool = True  # tqdm bar on rank 0
     tensorboard: bool = True
     plot: bool = True  # loss-curve PNG at the end
+    wandb: bool = False  # also log to Weights & Biases (extra 'wandb'; WANDB_MODE=offline writes locally)
+    wandb_project: str = "perceiver-vlm"
+    eval_every: int = 0  # optimizer steps between validation passes (the run's val split); 0: none
+    eval_batches: int = 0  # validation batches per pass; 0: the whole split
+    eval_cider_samples: int = 0  # also caption this many validation images and log their CIDEr; 0: none
+    stop_on_signal: bool = True  # SIGINT/SIGTERM: finish the step, checkpoint, stop (a second signal aborts)
+    # resume although run_config.yaml differs in a field that changes the run (not only max_steps, logging,
+    # checkpoint or eval cadence, progress); the differences are logged
+    allow_config_change: bool = False
 
     def __post_init__(self) -> None:
         numbers = {"lr": self.lr, "lora_lr": self.lora_lr, "weight_decay": self.weight_decay, "eps": self.eps,
@@ -76,6 +85,9 @@ class TrainConfig:
             )
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             raise ValueError(f"train.max_grad_norm must be positive or null, got {self.max_grad_norm}")
+        for name in ("eval_every", "eval_batches", "eval_cider_samples"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
 
 
 def _parse_device(spec: str) -> torch.device | None:
@@ -120,3 +132,5 @@ class TrainResult:
     metrics_csv: Path
     history: list[dict[str, float]] = field(default_factory=list)
     skipped_steps: int = 0  # optimizer steps skipped in this call for a non-finite loss or gradient
+    stopped_by: str | None = None  # the signal (SIGINT, SIGTERM) that stopped this call early, with a checkpoint
+    stop_checkpoint: Path | None = None  # that checkpoint (None on ranks other than 0)

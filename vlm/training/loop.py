@@ -6,8 +6,13 @@ accumulation, clipping, an fp32/bf16/fp16 autocast choice, atomic checkpoints ev
 (`vlm.training.state`) and a resume from the newest verified checkpoint that continues the same run
 bit for bit. A step is skipped and counted when its loss or gradient is non-finite, or when the
 update itself left a parameter non-finite (`vlm.training.guard` rolls it back); ``train.max_bad_steps``
-of them in a row stop the run with a checkpoint of the last good (finite) state, which prunes nothing. Metrics go to
-``metrics.csv`` and TensorBoard, and a loss-curve PNG is drawn at the end (`vlm.training.metrics`).
+of them in a row stop the run with a checkpoint of the last good (finite) state, which prunes nothing.
+Metrics go to ``metrics.csv``, TensorBoard (and Weights & Biases when asked) with a console line every
+``train.log_every`` steps, and a loss-curve PNG is drawn at the end (`vlm.training.metrics`). A
+``validate(step)`` callback runs every ``train.eval_every`` steps, its RNG use kept out of the run.
+SIGINT/SIGTERM stop the run after the current step with a checkpoint that prunes nothing
+(`vlm.training.interrupt`). ``train.distributed=fsdp`` shards the model (`vlm.training.fsdp`) and
+writes sharded checkpoints (`vlm.training.sharded`).
 
 The model is anything whose ``model(**batch)`` returns an object with ``.loss``; its trainable
 parameters are those with ``requires_grad``. Launch N processes with
@@ -22,7 +27,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -36,9 +41,11 @@ from .batches import BatchStream
 from .config import TrainConfig, TrainResult, resolve_device
 from .fsdp import shard_model
 from .guard import StepGuard
+from .interrupt import StopOnSignal
 from .metrics import MetricLogger, progress_bar
 from .optim import build_optimizer, warmup_cosine
 from .state import CHECKPOINT_DIR, find_checkpoint, load_checkpoint, save_checkpoint, set_seed
+from .validation import preserved_rng
 
 __all__ = ["train", "enable_gradient_checkpointing"]
 
@@ -52,6 +59,7 @@ def train(
     seed: int = 0,
     run_config: dict[str, Any] | None = None,
     stop_after: int | None = None,
+    validate: Callable[[int], dict[str, float]] | None = None,
 ) -> TrainResult:
     """Train ``model``'s trainable parameters on batches from ``loader``; see the module docstring.
 
@@ -65,7 +73,19 @@ def train(
         run_config: the full run configuration, stored in every checkpoint for the record.
         stop_after: stop (with a checkpoint) after this many optimizer steps of this call — for
             tests and for time-boxed jobs; the run can then be resumed.
+        validate: called with the step every ``config.eval_every`` steps (on every rank); the metrics
+            it returns are logged (``eval_metrics.csv``, TensorBoard ``val/*``). The RNG state is
+            restored after it, so validating never changes the training run.
+
+    SIGINT/SIGTERM during the call: the step in progress completes, a checkpoint is written and the
+    call returns with ``stopped_by`` set to the signal's name; a second signal raises
+    `vlm.training.interrupt.TrainingAborted`.
     """
+    with StopOnSignal(enabled=config.stop_on_signal) as stop:
+        return _train(model, loader, config, output_dir, seed, run_config, stop_after, validate, stop)
+
+
+def _train(model, loader, config, output_dir, seed, run_config, stop_after, validate, stop) -> TrainResult:
     out = Path(output_dir)
     main, world = rank() == 0, world_size()
     device = resolve_device(config.device, _model_device(model))
@@ -97,7 +117,9 @@ def train(
     ckpt = (sharded.find_checkpoint if fsdp else find_checkpoint)(out) if config.resume else None
     if ckpt is not None:
         start_step = load(ckpt, weights, optimizer, scheduler, scaler, stream)
-        print0(f"train: resuming from {getattr(ckpt, 'path', ckpt)} (step {start_step} of {config.max_steps})")
+        print0(
+            f"train: resuming from step {start_step} of {config.max_steps} (checkpoint {getattr(ckpt, 'path', ckpt)})"
+        )
     guard = StepGuard(trainable.values(), optimizer)
     if main:
         out.mkdir(parents=True, exist_ok=True)
@@ -109,6 +131,7 @@ def train(
     losses: list[float] = []
     step = start_step
     skipped, bad_in_row = 0, 0
+    stopped_by, stop_path = None, None
     tick = time.perf_counter()
     while step < end_step:
         step_loss, samples, bad = 0.0, 0, False
@@ -162,12 +185,22 @@ def train(
         if progress is not None:
             progress.update(1)
             progress.set_postfix(loss=f"{step_loss:.4f}", refresh=False)
-        if step == end_step or (config.checkpoint_every and step % config.checkpoint_every == 0):
-            save(out, step, weights, optimizer, scheduler, scaler, stream, config, run_config)
+        if validate is not None and config.eval_every and step % config.eval_every == 0:
+            with preserved_rng():
+                logger.log_eval(step, validate(step))
+            model.train()
+        stopping = stop.requested()
+        if stopping or step == end_step or (config.checkpoint_every and step % config.checkpoint_every == 0):
+            path = save(
+                out, step, weights, optimizer, scheduler, scaler, stream, config, run_config, prune=not stopping
+            )
+            if stopping:
+                stopped_by, stop_path = stop.signal_name, path
+                break
     if progress is not None:
         progress.close()
     logger.close(plot=config.plot and step == config.max_steps)
-    return TrainResult(step, losses, start_step, out, out / "metrics.csv", logger.rows, skipped)
+    return TrainResult(step, losses, start_step, out, out / "metrics.csv", logger.rows, skipped, stopped_by, stop_path)
 
 
 def _warn(message: str) -> None:
