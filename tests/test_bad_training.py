@@ -185,7 +185,7 @@ def test_latest_naming_an_older_step_does_not_win_over_a_newer_one(tmp_path, uni
     with pytest.warns(RuntimeWarning, match="latest names 'step_0000002', but the newest verified checkpoint is"):
         _resume(tmp_path, uninterrupted, 4)
     printed = capsys.readouterr().out
-    assert "train: resuming from" in printed and "step_0000004 (step 4 of 6)" in printed
+    assert "train: resuming from step 4 of 6 (checkpoint " in printed and "step_0000004)" in printed
 
 
 @pytest.mark.parametrize("damage", ["random_bytes", "directory", "symlink_out"])

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from test_cli import TINY, shared_assets
 
-from vlm.cli import main_train
+from vlm.cli import main_train, run
 
 
 @pytest.fixture(scope="module")
@@ -40,10 +40,10 @@ def test_rerunning_a_finished_run_says_so_and_rewrites_nothing(finished_run, cap
 def test_a_changed_learning_rate_is_refused_with_the_field_named(finished_run):
     _, out, args = finished_run
     with pytest.raises(ValueError, match=r"differs in train\.lr \(train\.lr: 0\.003 -> 0\.01") as err:
-        main_train([*args, f"output_dir={out}", "train.lr=0.01"])
+        run("train", [*args, f"output_dir={out}", "train.lr=0.01"])
     assert "train.allow_config_change=true" in str(err.value) and "finished" in str(err.value)
     with pytest.raises(ValueError, match=r"model\.resampler\.depth"):
-        main_train([*args, f"output_dir={out}", "model.resampler.depth=2"])
+        run("train", [*args, f"output_dir={out}", "model.resampler.depth=2"])
 
 
 def test_more_steps_continue_the_run_and_the_last_loss_is_the_last_steps(finished_run, capsys, tmp_path):
@@ -74,7 +74,7 @@ def test_allow_config_change_continues_and_names_the_change(finished_run, capsys
 def test_a_shorter_budget_than_the_run_is_refused(finished_run):
     _, out, args = finished_run
     with pytest.raises(ValueError, match=r"past train\.max_steps=4"):
-        main_train([*args, f"output_dir={out}", "train.max_steps=4"])
+        run("train", [*args, f"output_dir={out}", "train.max_steps=4"])
 
 
 def test_validation_loss_and_cider_during_training(finished_run, capsys):
@@ -97,6 +97,6 @@ def test_eval_every_without_a_validation_split_is_a_clear_error(finished_run, tm
     _, _, args = finished_run
     root = finished_run[0]
     with pytest.raises(ValueError, match="data.val_shards"):
-        main_train([*args, f"output_dir={tmp_path / 'r'}", "train.eval_every=2", "make_synthetic=false",
+        run("train", [*args, f"output_dir={tmp_path / 'r'}", "train.eval_every=2", "make_synthetic=false",
                     f"data.train_shards={root / 'data' / 'train-*.tar'}", f"shards.output_dir={tmp_path / 'none'}",
                     "data.use_cached_features=false"])  # fmt: skip

@@ -37,10 +37,20 @@ from torch import nn
 from resampler.config import to_dict
 
 from ..distributed import barrier, broadcast_object, gather_objects, is_distributed, print0, rank, world_size
-from ..io import atomic_directory, atomic_write
+from ..integrity import IntegrityError, check_record, digest, read_verified
+from ..io import atomic_directory, write_bytes
 from .batches import BatchStream
 from .config import TrainConfig
-from .state import CHECKPOINT_DIR, _parse, _rng_state, _set_rng_state, _step_dirs, _torch_load
+from .state import (
+    CHECKPOINT_DIR,
+    _parse,
+    _rng_state,
+    _set_rng_state,
+    _step_dirs,
+    _torch_bytes,
+    _torch_load,
+    _write_pointer,
+)
 
 __all__ = ["FORMAT", "is_sharded_checkpoint", "find_checkpoint", "save_checkpoint", "load_checkpoint", "load_weights"]
 
@@ -109,8 +119,12 @@ def save_checkpoint(output_dir: Path, step: int, model: nn.Module, optimizer: to
         tmp = Path(broadcast_object(None if tmp is None else str(tmp)))
         _dcp("save", state, tmp / SHARDS)
         if rank() == 0:
-            torch.save({"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()}, tmp / "extra.pt")
-            torch.save([s["rng"] for s in rank_states], tmp / "rng.pt")
+            blobs = {
+                "extra.pt": _torch_bytes({"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()}),
+                "rng.pt": _torch_bytes([s["rng"] for s in rank_states]),
+            }
+            for name, data in blobs.items():
+                write_bytes(tmp / name, data)
             record = {
                 "format": FORMAT,
                 "step": step,
@@ -119,10 +133,11 @@ def save_checkpoint(output_dir: Path, step: int, model: nn.Module, optimizer: to
                 "trainable": sorted(state["model"]),
                 "train_config": to_dict(config),
                 "run_config": run_config,
+                "files": {name: digest(data) for name, data in blobs.items()},  # the shards: DCP's own metadata
             }
-            (tmp / "state.json").write_text(json.dumps(record, indent=1))  # written last: marks the dir complete
+            write_bytes(tmp / "state.json", json.dumps(record, indent=1).encode())  # last: marks the dir complete
     if rank() == 0:
-        atomic_write(root / "latest", final.name)
+        _write_pointer(root, final.name)
         older = [p for s, p in _step_dirs(root) if s < step] if prune else []
         for old in older[: -config.keep_checkpoints + 1 or None]:
             shutil.rmtree(old, ignore_errors=True)
@@ -144,6 +159,15 @@ def _read_state(path: Path, model: nn.Module) -> dict[str, Any]:
     return state
 
 
+def _read_small(path: Path, state: dict, name: str) -> Any:
+    """``extra.pt`` / ``rng.pt`` after their digest in ``state.json`` (`vlm.integrity`)."""
+    record = check_record(state.get("files", {}), f"{path}/state.json").get(name)
+    if record is None:
+        raise IntegrityError(f"{path}/state.json records no digest for {name}: the checkpoint is incomplete")
+    data = read_verified(path, name, record)
+    return _parse(path / name, lambda: _torch_load(data))
+
+
 def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, scaler, stream: BatchStream) -> int:
     """Restore weights, optimizer, scheduler, scaler, data position (and RNG on the same world size)
     from a sharded checkpoint, whatever world size wrote it; returns its step (every rank calls)."""
@@ -151,8 +175,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, scaler, 
 
     path = Path(path)
     state = _read_state(path, model)
-    extra = _parse(path / "extra.pt", lambda: _torch_load((path / "extra.pt").read_bytes()))
-    rng = _parse(path / "rng.pt", lambda: _torch_load((path / "rng.pt").read_bytes()))
+    extra, rng = (_read_small(path, state, name) for name in ("extra.pt", "rng.pt"))
     target = _state(model, optimizer)
     try:
         _dcp("load", target, path / SHARDS)
