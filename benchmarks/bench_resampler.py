@@ -92,7 +92,7 @@ def build_peers(size: Size) -> dict[str, torch.nn.Module]:
 
 def peer_call(name: str, model: torch.nn.Module, x: torch.Tensor):
     if name == "idefics2":
-        mask = torch.ones(x.shape[:2], dtype=torch.long)
+        mask = torch.ones(x.shape[:2], dtype=torch.long, device=x.device)
         return lambda: model(context=x, attention_mask=mask)
     return lambda: model(x)[:, 0]
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from resampler.config import apply_overrides, from_dict, to_dict
+from resampler.config import apply_overrides, from_dict, load_yaml, to_dict
 
 __all__ = ["DataConfig", "ModelConfig", "TrainConfig", "BenchConfig", "TaskConfigs", "load_task_config", "CONFIG_DIR"]
 
@@ -94,15 +94,12 @@ def load_task_config(
     task: str, size: str = "smoke", overrides: list[str] | None = None, config_dir: Path | None = None
 ) -> BenchConfig:
     """``<config_dir>/<task>.yaml``'s ``size`` section plus ``section.field=value`` overrides."""
-    import yaml
-
     if size not in ("smoke", "full"):
         raise ValueError(f"size must be 'smoke' or 'full', got {size!r}")
     path = (config_dir or CONFIG_DIR) / f"{task}.yaml"
     if not path.is_file():
         raise ValueError(f"no config for task {task!r}: expected {path}")
-    with open(path, encoding="utf-8") as fh:
-        data = yaml.safe_load(fh) or {}
+    data = load_yaml(path.read_text(encoding="utf-8"), str(path)) or {}
     configs = from_dict(TaskConfigs, data, where=path.name)
     chosen = to_dict(getattr(configs, size))
     return from_dict(BenchConfig, apply_overrides(chosen, list(overrides or [])))

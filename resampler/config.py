@@ -1,13 +1,19 @@
 """Typed dataclass configs <-> YAML, with ``section.field=value`` overrides from the command line.
 
 Every YAML under ``configs/`` mirrors a dataclass 1:1: unknown keys and wrongly typed values are
-errors that name the field, never silently ignored.
+errors that name the field, never silently ignored. The YAML reader (`load_yaml`) is PyYAML's safe
+loader with three refusals: aliases (``*name``: a few hundred bytes of nested aliases expand to
+gigabytes when the mapping is walked), duplicate keys (the second ``train:`` would silently replace
+the first), and an empty document (which would silently mean "all defaults"). Numbers must be
+finite, and the keys and values of dict fields are converted and checked like any other field.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -15,9 +21,45 @@ from typing import Any, TypeVar
 
 import yaml
 
-__all__ = ["from_dict", "to_dict", "load_config", "save_config", "apply_overrides", "parse_cli"]
+__all__ = ["from_dict", "to_dict", "load_yaml", "load_config", "save_config", "apply_overrides", "parse_cli"]
 
 T = TypeVar("T")
+
+
+class _StrictSafeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses aliases and duplicate mapping keys."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.YAMLError(
+                f"line {event.start_mark.line + 1}: YAML aliases (*{event.anchor}) are not allowed in configs; "
+                "write the value out"
+            )
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+            except TypeError:  # an unhashable key: SafeConstructor names it below
+                break
+            if duplicate:
+                raise yaml.YAMLError(
+                    f"line {key_node.start_mark.line + 1}: duplicate key {key!r} (the second would replace the first)"
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str, where: str = "config") -> Any:
+    """One YAML document by the strict rules above; any problem is a ValueError naming ``where``."""
+    try:
+        return yaml.load(text, Loader=_StrictSafeLoader)
+    except yaml.YAMLError as err:
+        raise ValueError(f"{where}: {' '.join(str(err).split())}") from None
 
 
 def _convert(value: Any, tp: Any, where: str) -> Any:
@@ -28,6 +70,9 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        candidates = [arg for arg in args if arg is not type(None)]
+        if len(candidates) == 1:  # Optional[X]: X's own error says it best
+            return _convert(value, candidates[0], where)
         errors = []
         for arg in args:
             if arg is type(None):
@@ -60,7 +105,8 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise TypeError(f"{where}: expected a mapping, got {type(value).__name__}")
-        return dict(value)
+        key_type, value_type = args if args else (Any, Any)
+        return {_convert(k, key_type, where): _convert(v, value_type, f"{where}[{k!r}]") for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -70,14 +116,17 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             return value
         raise TypeError(f"{where}: expected an int, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads ``1e-4`` (no dot) as a string; users mean a number
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise TypeError(f"{where}: expected a number, got {value!r}")
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads ``1e-4`` (no dot) as a string; users mean a number
+            with contextlib.suppress(ValueError):
+                number = float(value)
+        if number is None:
+            raise TypeError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(number):
+            raise ValueError(f"{where}: must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -93,7 +142,8 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     if unknown:
         prefix = f"{where}." if where else ""
         raise ValueError(
-            f"unknown config field(s) {sorted(prefix + k for k in unknown)} for {cls.__name__}; known: {sorted(fields)}"
+            f"unknown config field(s) {sorted(prefix + str(k) for k in unknown)} for {cls.__name__}; "
+            f"known: {sorted(fields)}"
         )
     kwargs = {}
     for name, value in data.items():
@@ -129,7 +179,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ValueError(f"override {item!r}: {part!r} is not a section")
-        node[leaf] = yaml.safe_load(raw) if raw != "" else ""
+        node[leaf] = load_yaml(raw, f"override {item!r}") if raw != "" else ""
     return data
 
 
@@ -137,8 +187,16 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     """Dataclass ``cls`` from a YAML file (or its defaults when ``path`` is None) plus overrides."""
     data: dict[str, Any] = {}
     if path is not None:
-        with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh) or {}
+        raw = Path(path).read_bytes()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+        data = load_yaml(text, str(path))
+        if data is None:
+            raise ValueError(
+                f"{path}: the config file is empty; give at least one section (or no file for the defaults)"
+            )
         if not isinstance(data, dict):
             raise ValueError(f"{path}: the top level of a config must be a mapping")
     if not data and not overrides:

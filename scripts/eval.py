@@ -1,6 +1,6 @@
 """Evaluate a trained adapter (the `pvlm-eval` command).
 
-    .venv/bin/python scripts/eval.py --config configs/tiny/eval.yaml output_dir=/tmp/pvlm-tiny
+    .venv/bin/python scripts/eval.py --config configs/tiny/train.yaml output_dir=/tmp/pvlm-tiny
 
 Runtime on 2 CPU cores: seconds for the tiny config (after scripts/train.py with the same output_dir).
 Expected result: CIDEr, BLEU-4, ROUGE-L (METEOR with Java), per-attribute accuracy on synthetic data,

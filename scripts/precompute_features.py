@@ -1,6 +1,6 @@
 """Cache the frozen vision tower's patch features as fp16 shards (the `pvlm-precompute-features` command).
 
-    .venv/bin/python scripts/precompute_features.py --config configs/tiny/precompute_features.yaml output_dir=/tmp/pvlm-tiny
+    .venv/bin/python scripts/precompute_features.py --config configs/tiny/train.yaml output_dir=/tmp/pvlm-tiny
 
 Runtime on 2 CPU cores: seconds for the tiny config; ~20 s for the default world with the stand-in ViT.
 Expected result: <split>-NNNNNN.tar feature shards and <split>-features.json per split in

@@ -15,20 +15,34 @@ def _one_torch_thread():
 
 
 @pytest.fixture(scope="session")
-def tiny_adapter(tmp_path_factory):
-    """A trained-adapter directory whose base parts are on disk (tiny open_clip weights file, tiny Llama
-    directory with its tokenizer), so ``load_trained``/``pvlm-caption --adapter`` load it like a real one."""
-    from vlm import VisionLanguageModel
+def tiny_base_on_disk(tmp_path_factory):
+    """The tiny base parts as files (open_clip weights file, Llama directory with its tokenizer) and a
+    config naming them: what a user's own local weights look like."""
     from vlm.testing import tiny_parts, tiny_vlm_config
 
-    root = tmp_path_factory.mktemp("tiny_adapter")
-    clip_model, preprocess, lm, tokenizer = tiny_parts("llama")
+    root = tmp_path_factory.mktemp("tiny_base")
+    clip_model, _, lm, tokenizer = tiny_parts("llama")
     torch.save(clip_model.state_dict(), root / "clip.pt")
     lm.save_pretrained(root / "lm")
     tokenizer.save_pretrained(root / "lm")
     config = tiny_vlm_config("llama")
     config.vision.pretrained = str(root / "clip.pt")
     config.lm.name_or_path = str(root / "lm")
+    return root, config
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter(tiny_base_on_disk):
+    """A trained-adapter directory whose base parts are on disk, so ``load_trained``/``pvlm-caption
+    --adapter`` load it like a real one."""
+    import copy
+
+    from vlm import VisionLanguageModel
+    from vlm.testing import tiny_parts
+
+    root, config = tiny_base_on_disk
+    clip_model, preprocess, lm, tokenizer = tiny_parts("llama")
+    config = copy.deepcopy(config)
     config.max_new_tokens = 6
     model = VisionLanguageModel.from_parts(clip_model, lm, tokenizer, config, preprocess=preprocess)
     return model.save_adapter(root / "adapter")

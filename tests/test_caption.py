@@ -4,6 +4,7 @@ JSON-lines output. The adapter is a real saved one whose base parts load from di
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -79,8 +80,10 @@ def test_globs_missing_paths_and_batching(tiny_adapter, tmp_path):
     assert batched == one_by_one  # greedy captions do not depend on the batch
 
 
-def test_no_readable_image_is_an_error(tiny_adapter, tmp_path):
+def test_no_readable_image_is_an_error(tiny_adapter, tmp_path, capsys):
     _truncated(tmp_path / "cut.jpg")
-    with pytest.raises(ValueError, match=r"no readable image.*truncated_image: 1"):
+    with pytest.raises(SystemExit) as exit_info:  # the CLI's one-line error, exit status 1
         main_caption([f"output_dir={tmp_path}", "--adapter", str(tiny_adapter), "--images", str(tmp_path)])
+    assert exit_info.value.code == 1
+    assert re.search(r"pvlm-caption: error: .*no readable image.*truncated_image: 1", capsys.readouterr().err)
     assert not (tmp_path / "captions.jsonl").exists()

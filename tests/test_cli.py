@@ -13,12 +13,26 @@ from vlm.cli import main_caption, main_eval, main_make_shards, main_precompute_f
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny"
 
 
-def shared_assets(root: Path) -> list[str]:
-    """Overrides that put the world, the stand-ins and the feature cache in one place for all runs."""
+def asset_dirs(root: Path) -> list[str]:
+    """Overrides that put the world, the stand-ins and the feature cache under ``root``, for all runs."""
     return [
         f"shards.output_dir={root / 'data'}",
         f"standin.dir={root / 'backbones'}",
         f"features.output_dir={root / 'features'}",
+    ]
+
+
+def tiny_train_command(root: Path) -> list[str]:
+    """``python -m vlm.cli train`` on the tiny config with its assets under ``root`` (for subprocesses)."""
+    import sys
+
+    return [sys.executable, "-m", "vlm.cli", "train", "--config", str(TINY / "train.yaml"), *asset_dirs(root)]
+
+
+def shared_assets(root: Path) -> list[str]:
+    """`asset_dirs` on a smaller world, the first caption of each image."""
+    return [
+        *asset_dirs(root),
         "synthetic.split_sizes={train: 8, val: 8, test: 8, compositional: 8}",
         "data.caption_choice=first",
     ]
@@ -75,7 +89,7 @@ def test_make_shards_and_precompute_features_commands(tmp_path):
     args = ["--config", str(TINY / "make_shards.yaml"), f"output_dir={tmp_path}"]
     main_make_shards(args)
     assert sorted(p.name for p in (tmp_path / "data").glob("train-*.tar")) == ["train-000000.tar", "train-000001.tar"]
-    args = ["--config", str(TINY / "precompute_features.yaml"), f"output_dir={tmp_path}", "standin.vision.steps=1",
+    args = ["--config", str(TINY / "train.yaml"), f"output_dir={tmp_path}", "standin.vision.steps=1",
             "standin.lm.steps=1", "features.splits=[test]"]  # fmt: skip
     main_precompute_features(args)
     index = json.loads((tmp_path / "features" / "test-features.json").read_text())
@@ -97,9 +111,17 @@ def test_make_shards_from_a_folder(tmp_path):
     assert (tmp_path / "data" / "mine-000000.tar").is_file()
 
 
-def test_bad_override_is_a_clear_error():
-    with pytest.raises(ValueError, match="train.max_stepz"):
+def test_bad_override_is_a_clear_error(capsys):
+    from vlm.cli import run
+
+    with pytest.raises(ValueError, match="train.max_stepz"):  # the Python API raises
+        run("train", ["--config", str(TINY / "train.yaml"), "train.max_stepz=3"])
+    with pytest.raises(SystemExit) as stop:  # the console script prints one line and exits 2
         main_train(["--config", str(TINY / "train.yaml"), "train.max_stepz=3"])
+    assert (
+        stop.value.code == 2
+        and "pvlm-train: error: unknown config field(s) ['train.max_stepz']" in capsys.readouterr().err
+    )
 
 
 def test_demo_console_script_exits_zero_and_reports(tmp_path):
@@ -110,7 +132,7 @@ def test_demo_console_script_exits_zero_and_reports(tmp_path):
     script = Path(sys.executable).parent / "pvlm-demo"
     if not script.exists():
         pytest.skip(f"console script not installed next to {sys.executable} (run scripts/install.sh)")
-    config = Path(__file__).resolve().parents[1] / "configs" / "tiny" / "demo.yaml"
+    config = Path(__file__).resolve().parents[1] / "configs" / "tiny" / "train.yaml"
     proc = subprocess.run(
         [str(script), "--config", str(config), f"output_dir={tmp_path / 'run'}"],
         capture_output=True,

@@ -110,9 +110,10 @@ def test_an_empty_result_is_an_error_and_leaves_the_previous_set(tmp_path):
 
 
 def _folder_run(tmp_path: Path, images: Path, samples_per_shard: int) -> None:
-    from vlm.cli import main_make_shards
+    from vlm.cli import run  # errors raise as themselves (the console script turns them into one line)
 
-    main_make_shards(
+    run(
+        "make-shards",
         ["--config", str(TINY / "make_shards.yaml"), f"output_dir={tmp_path / 'run'}", "shards.source=folder",
          f"shards.input_dir={images}", f"shards.captions_file={tmp_path / 'captions.csv'}",
          f"shards.samples_per_shard={samples_per_shard}"]

@@ -168,7 +168,7 @@ def test_wrong_inputs_are_clear_errors(layouts, tmp_path):
 
 
 def test_make_shards_command_for_each_source(layouts, tmp_path, capsys):
-    from vlm.cli import main_make_shards
+    from vlm.cli import main_make_shards, run
 
     coco, karpathy, nocaps = layouts["coco"], layouts["karpathy"], layouts["nocaps"]
     base = ["--config", str(TINY / "make_shards.yaml"), f"output_dir={tmp_path}", "shards.progress=false"]
@@ -186,4 +186,4 @@ def test_make_shards_command_for_each_source(layouts, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "wrote 3 samples to 1 shards" in printed and "test-*.tar" in printed
     with pytest.raises(ValueError, match=r"needs shards.annotations_file, shards.split"):
-        main_make_shards([*base, "shards.source=karpathy", f"shards.input_dir={karpathy}"])
+        run("make-shards", [*base, "shards.source=karpathy", f"shards.input_dir={karpathy}"])

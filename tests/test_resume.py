@@ -109,18 +109,14 @@ def test_cli_training_killed_with_sigkill_resumes_to_the_same_run(tmp_path):
     import os
     import signal
     import subprocess
-    import sys
     import time
     from pathlib import Path
 
     from safetensors.torch import load_file
+    from test_cli import tiny_train_command
 
     root = Path(__file__).resolve().parents[1]
-    common = [
-        sys.executable, "-m", "vlm.cli", "train", "--config", str(root / "configs" / "tiny" / "train.yaml"),
-        f"shards.output_dir={tmp_path / 'data'}", f"standin.dir={tmp_path / 'backbones'}",
-        f"features.output_dir={tmp_path / 'features'}", "train.max_steps=40", "train.checkpoint_every=5",
-    ]  # fmt: skip
+    common = [*tiny_train_command(tmp_path), "train.max_steps=40", "train.checkpoint_every=5"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root))
     subprocess.run([*common, f"output_dir={tmp_path / 'full'}"], check=True, env=env, capture_output=True)
 

@@ -213,6 +213,14 @@ def test_a_malicious_pickle_in_a_training_checkpoint_never_runs(tmp_path, victim
     with open(ckpt / victim, "wb") as fh:
         pickle.dump({"optimizer": _Payload(marker)}, fh, protocol=2)
     model, loader = make()
+    with pytest.raises(ValueError, match=f"{victim} is \\d+ bytes, its record says"), pytest.warns(RuntimeWarning):
+        train(model, loader, quiet(max_steps=4), tmp_path / "run")  # refused by its digest before any unpickling
+    assert not marker.exists()
+    from vlm.integrity import digest  # a stranger who also rewrote the digest: weights_only=True still refuses
+
+    state = json.loads((ckpt / "state.json").read_text())
+    state["files"][victim] = digest((ckpt / victim).read_bytes())
+    (ckpt / "state.json").write_text(json.dumps(state))
     with pytest.raises(pickle.UnpicklingError):
         train(model, loader, quiet(max_steps=4), tmp_path / "run")
     assert not marker.exists()
@@ -249,7 +257,7 @@ def test_adapter_checkpoints_are_safetensors_plus_json(tmp_path):
 
 
 def test_a_foreign_manifest_cannot_turn_on_trust_remote_code(tmp_path, monkeypatch):
-    import vlm.model
+    import vlm.checkpoint
     from vlm.model import VisionLanguageModel
     from vlm.testing import tiny_clip, tiny_lm, tiny_tokenizer, tiny_vlm
 
@@ -265,9 +273,9 @@ def test_a_foreign_manifest_cannot_turn_on_trust_remote_code(tmp_path, monkeypat
         seen.append(config.trust_remote_code)
         return tiny_lm("llama", tiny_tokenizer())
 
-    monkeypatch.setattr(vlm.model, "load_language_model", fake_lm)
+    monkeypatch.setattr(vlm.checkpoint, "load_language_model", fake_lm)  # parts the manifest names load here
     monkeypatch.setattr(
-        vlm.model, "load_tokenizer", lambda config: seen.append(config.trust_remote_code) or tiny_tokenizer()
+        vlm.checkpoint, "load_tokenizer", lambda config: seen.append(config.trust_remote_code) or tiny_tokenizer()
     )
     vision, preprocess = tiny_clip()
     model = VisionLanguageModel.load_adapter(tmp_path / "adapter", vision, preprocess=preprocess)

@@ -1,5 +1,6 @@
 """perceiver-vlm's vision-language models: frozen open_clip tower -> resampler -> any HF causal LM."""
 
+from . import quiet  # noqa: F401  (first: silences known-harmless third-party messages, narrowly)
 from .checkpoint import load_component, read_manifest
 from .config import (
     InjectionConfig,

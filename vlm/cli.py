@@ -12,22 +12,36 @@ Every command reads ``--config file.yaml`` plus ``section.field=value`` override
 `resampler.config.parse_cli`; what parse_cli does not cover lives here: a command's own options
 (``--adapter``, ``--images``), the demo's default config, and a ``--help`` that lists the config
 fields the command reads, generated from the dataclasses (type, default and the field's comment).
+
+The console scripts add what a person at a terminal needs (`run` itself stays plain Python that
+raises): every field is checked before any work starts (``train.device`` included); an error
+prints one line ``pvlm-<command>: error: ...`` and exits 2 when the command line or config is wrong,
+1 when the run fails (``--debug`` or ``PVLM_DEBUG=1`` prints the traceback too); a command holds the
+exclusive lock of its ``output_dir`` (`vlm.lock`) from start to end, except ``pvlm-eval`` while a
+training command holds it (it then says which adapter step it scores) and ``pvlm-caption`` (read
+only); and the ``vlm`` loggers' INFO lines (per-pass skip and conversion counts of the data reader,
+the base models an adapter's manifest names) are printed.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import dataclasses
 import inspect
 import io
+import logging
+import os
 import sys
 import textwrap
 import tokenize
+import traceback
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,7 +49,11 @@ import torch
 from resampler.config import parse_cli
 
 from . import pipeline
+from .distributed import print0, rank, world_size
+from .io import describe_os_error
+from .lock import DirectoryLocked, try_lock
 from .pipeline.config import RunConfig, default_config_file
+from .training.config import resolve_device
 
 __all__ = ["COMMANDS", "Command", "parse", "run", "main", "fields_help"] + [
     f"main_{name}" for name in ("make_shards", "precompute_features", "train", "eval", "caption", "demo")
@@ -127,13 +145,17 @@ def parse(name: str, argv: list[str] | None = None) -> tuple[RunConfig, dict[str
         cfg = parse_cli(RunConfig, rest, command.description)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if any(r == "train" or r.startswith("train.") for r in command.reads):
+        resolve_device(cfg.train.device)  # a device this machine lacks is a config error, before any work
     return cfg, vars(options)
 
 
 def run(name: str, argv: list[str] | None = None) -> Any:
-    """Parse ``argv`` for command ``name`` and run it; returns what the pipeline step returns."""
+    """Parse ``argv`` for command ``name`` and run it under its ``output_dir`` lock; returns what the
+    pipeline step returns (errors raise: `main` and the console scripts turn them into one line)."""
     cfg, options = parse(name, argv)
-    return COMMANDS[name].run(cfg, **options)
+    with _command_lock(name, cfg, options):
+        return COMMANDS[name].run(cfg, **options)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -144,15 +166,118 @@ def main(argv: list[str] | None = None) -> None:
         if argv[:1] in (["-h"], ["--help"]):
             print(usage)
             raise SystemExit(0)
-        raise SystemExit(usage)
-    run(argv[0], argv[1:])
+        print(usage, file=sys.stderr)
+        raise SystemExit(2)
+    _guarded(argv[0], argv[1:])
+
+
+DEBUG_ENV = "PVLM_DEBUG"
+_TRAINING = ("train", "demo")  # commands whose output_dir an evaluation may read while they run
+
+
+def _guarded(name: str, argv: list[str] | None) -> Any:
+    """`run` for a terminal: one clear line and exit 2 (usage) or 1 (failure) instead of a traceback."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    _console_logging()
+    try:
+        cfg, options = parse(name, argv)
+    except Exception as err:
+        _fail(name, err, 2, debug)
+    try:
+        with _command_lock(name, cfg, options):
+            return COMMANDS[name].run(cfg, **options)
+    except Exception as err:
+        _fail(name, err, 1, debug)
+
+
+def _fail(name: str, err: BaseException, code: int, debug: bool) -> typing.NoReturn:
+    if debug:
+        traceback.print_exception(err)
+    hint = "" if debug else f" (--debug or {DEBUG_ENV}=1 for the traceback)"
+    print(f"pvlm-{name}: error: {describe_error(err)}{hint}", file=sys.stderr, flush=True)
+    raise SystemExit(code)
+
+
+def describe_error(err: BaseException) -> str:
+    """An exception as one line: OSErrors as ``path: cause (ERRNO)``, others by their message, with
+    the type in front unless it is one of the expected kinds (bad input, I/O, a locked directory, a
+    run stopped by non-finite steps)."""
+    if isinstance(err, OSError) and err.errno is not None:
+        text = describe_os_error(err)
+    else:
+        text = " ".join(str(err).split()) or "(no message)"
+    return text if isinstance(err, _EXPECTED) else f"{type(err).__name__}: {text}"
+
+
+_EXPECTED = (ValueError, OSError, DirectoryLocked, FloatingPointError)  # their messages say it all
+
+
+@contextlib.contextmanager
+def _command_lock(name: str, cfg: RunConfig, options: dict[str, Any]) -> Iterator[None]:
+    """The output_dir lock for the whole command (see the module docstring)."""
+    if name == "caption":
+        yield
+        return
+    fd, refused = try_lock(cfg.out, name)
+    if name == "eval":
+        adapter = Path(options.get("adapter") or cfg.out / "adapter")
+        if refused is not None and refused.command not in _TRAINING:
+            raise refused
+        busy = f"{cfg.out} is being trained by pid {refused.pid}; " if refused is not None else ""
+        print0(f"pvlm-eval: {busy}scoring {_adapter_step(adapter)}")
+    elif refused is not None:
+        raise refused
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _adapter_step(adapter: Path) -> str:
+    from .checkpoint import read_manifest
+
+    try:
+        step = read_manifest(adapter).get("step")
+    except (OSError, ValueError):
+        return f"{adapter} (not a readable adapter yet)"
+    return f"the adapter saved at step {step} ({adapter})" if step is not None else f"{adapter}"
+
+
+class _ConsoleHandler(logging.StreamHandler):
+    """INFO lines of the ``vlm`` loggers on the current ``sys.stdout`` (looked up at each record)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stdout)
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = f"[rank {rank()}] " if world_size() > 1 else ""
+        return prefix + record.getMessage()
+
+
+def _console_logging() -> None:
+    logger = logging.getLogger("vlm")
+    if not any(isinstance(h, _ConsoleHandler) for h in logger.handlers):
+        logger.addHandler(_ConsoleHandler())
+    if logger.level == logging.NOTSET or logger.level > logging.INFO:
+        logger.setLevel(logging.INFO)
 
 
 def _console_script(name: str) -> Callable[[list[str] | None], None]:
     """The ``pvlm-<name>`` entry point (pyproject's [project.scripts]): runs the command, returns None."""
 
     def entry(argv: list[str] | None = None) -> None:
-        run(name, argv)
+        _guarded(name, argv)
 
     entry.__name__ = entry.__qualname__ = f"main_{name.replace('-', '_')}"
     entry.__doc__ = f"``pvlm-{name}``: {COMMANDS[name].description}"
@@ -182,6 +307,7 @@ def _help_parser(name: str, command: Command) -> argparse.ArgumentParser:
     parser.add_argument("--config", help=f"RunConfig YAML (see configs/){default}")
     for flags, kwargs in command.options:
         parser.add_argument(*flags, **kwargs)
+    parser.add_argument("--debug", action="store_true", help=f"print the traceback of an error (or {DEBUG_ENV}=1)")
     parser.add_argument("overrides", nargs="*", help="section.field=value (value parsed as YAML), e.g. train.lr=1e-3")
     return parser
 

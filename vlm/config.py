@@ -6,6 +6,7 @@ config fields: they are read from the models when the VLM is built and checked t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -26,7 +27,11 @@ __all__ = [
 
 def _positive(owner: str, **values: int | float | None) -> None:
     for name, value in values.items():
-        if value is not None and (isinstance(value, bool) or value <= 0):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not math.isfinite(value):
+            raise ValueError(f"{owner}.{name} must be a finite number, got {value!r}")
+        if value <= 0:
             raise ValueError(f"{owner}.{name} must be positive, got {value!r}")
 
 
@@ -127,6 +132,9 @@ class LMConfig:
     quantization: Literal["none", "4bit", "8bit"] = "none"
     bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
     bnb_4bit_double_quant: bool = True
+    # dtype the packed 4-bit weights are stored in; set it to ``dtype`` under train.distributed=fsdp
+    # (bitsandbytes' FSDP-QLoRA guide: the packed weights then share the dtype of the rest of their unit)
+    bnb_4bit_quant_storage: Literal["uint8", "float32", "bfloat16", "float16"] = "uint8"
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
 

@@ -1,9 +1,11 @@
 """Process-group helpers: the one place vlm asks torch.distributed who it is and talks to its peers.
 
 Everything works unchanged in a single process (rank 0 of a world of 1, no process group): the
-collectives then return their input. With ``torchrun --standalone --nproc_per_node N`` every process
-calls `init_distributed` once (gloo on CPU, nccl on GPU); the trainer, the data reader and the
-pipeline steps then use `rank`, `world_size`, `barrier` and the collectives below.
+collectives then return their input. With ``torchrun --standalone --nproc_per_node N`` (one machine)
+or ``torchrun --nnodes M --nproc_per_node N --rdzv-backend c10d --rdzv-endpoint host:port`` (M machines)
+every process calls `init_distributed` once (gloo on CPU, nccl on GPU); the trainer, the data reader
+and the pipeline steps then use `rank`, `world_size`, `barrier` and the collectives below. `launcher`
+is the one place that decides which launcher started this process.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 __all__ = [
+    "launcher",
     "init_distributed",
     "is_distributed",
     "rank",
@@ -25,6 +28,7 @@ __all__ = [
     "barrier",
     "print0",
     "gather_objects",
+    "broadcast_object",
     "broadcast_parameters",
     "average_gradients",
     "mean_over_ranks",
@@ -55,13 +59,25 @@ def print0(message: str) -> None:
         print(message, flush=True)
 
 
+def launcher() -> str | None:
+    """Which launcher started this process as one of several: ``"torchrun"`` or None (a lone process).
+
+    torchrun (single- or multi-node, any rendezvous backend) exports ``RANK``, ``WORLD_SIZE``,
+    ``LOCAL_RANK`` and ``MASTER_ADDR``/``MASTER_PORT`` to every worker; a world of one is a lone process.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return "torchrun"
+    return None
+
+
 def init_distributed(timeout_s: float | None = None) -> tuple[int, int]:
-    """Join the process group torchrun set up (gloo on CPU, nccl on GPU); (rank, world); (0, 1) alone.
+    """Join the process group the launcher set up (gloo on CPU, nccl on GPU); (rank, world); (0, 1) alone.
 
     ``timeout_s`` (default: env ``PVLM_DIST_TIMEOUT`` or torch's default) bounds every collective: when
-    another process dies or hangs, this one raises instead of waiting forever.
+    another process dies or hangs, this one raises instead of waiting forever. Rank 0 prints the world
+    it joined (processes, machines, backend), so a launch that silently started one process shows.
     """
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not is_distributed():
+    if launcher() is not None and not is_distributed():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         timeout_s = timeout_s if timeout_s is not None else float(os.environ.get("PVLM_DIST_TIMEOUT", "0")) or None
         if timeout_s is not None and timeout_s <= 0:
@@ -69,6 +85,8 @@ def init_distributed(timeout_s: float | None = None) -> tuple[int, int]:
         dist.init_process_group(backend, timeout=None if timeout_s is None else timedelta(seconds=timeout_s))
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        nodes = world_size() // int(os.environ.get("LOCAL_WORLD_SIZE", world_size()))
+        print0(f"distributed: {world_size()} processes on {nodes} machine(s), {backend}")
     return rank(), world_size()
 
 
@@ -79,6 +97,15 @@ def gather_objects(obj: Any) -> list[Any]:
     objs: list[Any] = [None] * world_size()
     dist.all_gather_object(objs, obj)
     return objs
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj`` (picklable), on every rank."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def broadcast_parameters(params: Iterable[Tensor]) -> None:

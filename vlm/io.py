@@ -6,12 +6,19 @@ a directory with others (a shard set ``train-*.tar`` + its index beside ``val-*.
 hidden temporary name in the destination's own directory (so the rename never crosses a file
 system), flush and ``fsync`` the data, ``os.replace`` it onto the final name, ``fsync`` the parent
 directory so the rename itself is durable. Any error removes the temporary; a process killed
-mid-write leaves only a ``.tmp_*`` entry that no reader looks at.
+mid-write leaves only a ``.tmp_*`` entry that no reader looks at and that `remove_stale_temporaries`
+deletes once its writer is gone.
+
+An ``OSError`` from a write, ``fsync`` or rename (``ENOSPC``, ``EROFS``, ``EFBIG``, ``EDQUOT``...)
+carries no file name of its own; these helpers re-raise it with the path they were writing, so the
+message says what failed and where (`describe_os_error` formats it in one line).
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Callable, Iterable, Iterator
@@ -19,14 +26,41 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["AtomicFile", "atomic_write", "atomic_directory", "atomic_file_set", "TEMP_PREFIX"]
+__all__ = [
+    "AtomicFile",
+    "atomic_write",
+    "atomic_directory",
+    "atomic_file_set",
+    "write_bytes",
+    "remove_stale_temporaries",
+    "describe_os_error",
+    "TEMP_PREFIX",
+]
 
 TEMP_PREFIX = ".tmp_"  # temporaries are hidden and never match a reader's glob (step_*, *.tar, *.json)
+_TEMP_PID = re.compile(rf"^{re.escape(TEMP_PREFIX)}.+_(\d+)_[0-9a-f]{{8}}$")
 
 
 def _temp_beside(final: Path) -> Path:
     """A fresh hidden name in ``final``'s directory (created with the usual permissions, not mkstemp's 0600)."""
     return final.with_name(f"{TEMP_PREFIX}{final.name}_{os.getpid()}_{secrets.token_hex(4)}")
+
+
+def _named(err: OSError, path: str | Path) -> OSError:
+    """``err`` with ``path`` as its file name when it has an errno but no name (write/fsync errors)."""
+    if err.errno is None or err.filename is not None:
+        return err
+    named = OSError(err.errno, err.strerror or os.strerror(err.errno), str(path))  # the errno's subclass
+    named.__cause__ = err
+    return named
+
+
+def describe_os_error(err: OSError) -> str:
+    """One line: ``<path>: <what> (<ERRNO>)``, e.g. ``/run/x.pt: No space left on device (ENOSPC)``."""
+    code = errno.errorcode.get(err.errno, "") if err.errno is not None else ""
+    what = err.strerror or str(err)
+    where = f"{err.filename}: " if err.filename is not None else ""
+    return f"{where}{what}{f' ({code})' if code else ''}"
 
 
 def _fsync_directory(path: Path) -> None:
@@ -49,9 +83,12 @@ class AtomicFile:
         if mode not in ("w", "wb"):
             raise ValueError(f"AtomicFile writes a new file: mode must be 'w' or 'wb', got {mode!r}")
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = _temp_beside(self.path)
-        fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except OSError as err:
+            raise _named(err, self.path) from err
         self.file: IO[Any] = os.fdopen(fd, mode, encoding=encoding if "b" not in mode else None)
 
     def commit(self) -> Path:
@@ -60,6 +97,9 @@ class AtomicFile:
             os.fsync(self.file.fileno())
             self.file.close()
             os.replace(self.tmp, self.path)
+        except OSError as err:
+            self.abort()
+            raise _named(err, self.path) from err
         except BaseException:
             self.abort()
             raise
@@ -67,8 +107,12 @@ class AtomicFile:
         return self.path
 
     def abort(self) -> None:
-        self.file.close()
-        self.tmp.unlink(missing_ok=True)
+        try:
+            self.file.close()  # flushing the buffer can fail again (a full disk): the temporary goes anyway
+        except OSError:
+            pass
+        finally:
+            self.tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> IO[Any]:
         return self.file
@@ -76,8 +120,10 @@ class AtomicFile:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             self.commit()
-        else:
-            self.abort()
+            return
+        self.abort()
+        if isinstance(exc, OSError) and _named(exc, self.path) is not exc:
+            raise _named(exc, self.path) from exc
 
 
 def atomic_write(path: str | Path, data: str | bytes) -> Path:
@@ -91,6 +137,19 @@ def atomic_write(path: str | Path, data: str | bytes) -> Path:
     return Path(path)
 
 
+def write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to a new file ``path`` (inside an `atomic_directory`); an OSError names ``path``.
+
+    Serialising to bytes first and writing them here (rather than letting a C++ or Rust writer open
+    the file) is what turns a full disk into ``ENOSPC`` on a named file instead of an opaque
+    ``basic_ios::clear`` error."""
+    try:
+        with open(path, "xb") as fh:
+            fh.write(data)
+    except OSError as err:
+        raise _named(err, path) from err
+
+
 @contextmanager
 def atomic_directory(path: str | Path) -> Iterator[Path]:
     """Yield an empty temporary directory that replaces ``path`` when the block succeeds.
@@ -100,27 +159,66 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     temporary is deleted and ``path`` is left as it was.
     """
     final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
     tmp, old = _temp_beside(final), None
-    tmp.mkdir()
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    except OSError as err:
+        raise _named(err, tmp) from err
+    current = tmp
     try:
         yield tmp
         for item in sorted(tmp.rglob("*")):
             if item.is_file():
+                current = item
                 with open(item, "rb") as fh:
                     os.fsync(fh.fileno())
+        current = final
         if final.exists():
             old = _temp_beside(final)
             os.replace(final, old)
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as err:
         if old is not None and not final.exists():
             os.replace(old, final)  # put the previous version back
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OSError) and _named(err, current) is not err:
+            raise _named(err, current) from err
         raise
     _fsync_directory(final.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_stale_temporaries(directory: str | Path) -> list[Path]:
+    """Delete the ``.tmp_*`` entries in ``directory`` whose writing process is gone (its pid is in the
+    name; a pid still alive here keeps its temporary). Returns what was removed."""
+    removed = []
+    folder = Path(directory)
+    if not folder.is_dir():
+        return removed
+    for entry in folder.iterdir():
+        match = _TEMP_PID.match(entry.name)
+        if match is None or _alive(int(match.group(1))):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
 
 
 @contextmanager

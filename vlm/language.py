@@ -3,10 +3,13 @@ wrapping it with peft LoRA."""
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
 from .config import LMConfig, LoRAConfig
+from .local import check_local_path
 from .registry import lora_targets
 
 __all__ = [
@@ -18,6 +21,7 @@ __all__ = [
     "torch_dtype",
     "context_length",
     "add_token_rows",
+    "tokenizer_with_image_token",
 ]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -36,11 +40,13 @@ def quantization_config(config: LMConfig):
     from transformers import BitsAndBytesConfig
 
     if config.quantization == "4bit":
+        storage = config.bnb_4bit_quant_storage
         return BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type=config.bnb_4bit_quant_type,
             bnb_4bit_use_double_quant=config.bnb_4bit_double_quant,
             bnb_4bit_compute_dtype=torch_dtype(config.dtype),
+            bnb_4bit_quant_storage=torch.uint8 if storage == "uint8" else torch_dtype(storage),
         )
     if config.quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
@@ -51,6 +57,7 @@ def load_language_model(config: LMConfig) -> nn.Module:
     """``AutoModelForCausalLM`` from a hub id or local directory, in ``lm.dtype``, optionally quantized."""
     from transformers import AutoModelForCausalLM
 
+    check_local_path(config.name_or_path, "lm.name_or_path")
     kwargs = {
         "revision": config.revision,
         "dtype": torch_dtype(config.dtype),
@@ -59,13 +66,15 @@ def load_language_model(config: LMConfig) -> nn.Module:
     quant = quantization_config(config)
     if quant is not None:
         kwargs["quantization_config"] = quant
-        kwargs["device_map"] = {"": "cuda:0" if torch.cuda.is_available() else "cpu"}
+        # this process's GPU (init_distributed selects cuda:<local rank>), not every rank on cuda:0
+        kwargs["device_map"] = {"": f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"}
     return AutoModelForCausalLM.from_pretrained(config.name_or_path, **kwargs)
 
 
 def load_tokenizer(config: LMConfig):
     from transformers import AutoTokenizer
 
+    check_local_path(config.name_or_path, "lm.name_or_path")
     return AutoTokenizer.from_pretrained(
         config.name_or_path, revision=config.revision, trust_remote_code=config.trust_remote_code
     )
@@ -119,6 +128,22 @@ def context_length(config) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+def tokenizer_with_image_token(tokenizer, image_token: str):
+    """``tokenizer`` with ``image_token`` in its vocabulary and a pad token, never the caller's object
+    changed: when either is missing, a deep copy gets it. (Adding ``<image>`` to the caller's tokenizer
+    made a second VLM built or loaded in the same process see one token more than the first.)"""
+    needs_token = image_token not in tokenizer.get_vocab()
+    needs_pad = tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None
+    if not (needs_token or needs_pad):
+        return tokenizer
+    tokenizer = copy.deepcopy(tokenizer)
+    if needs_token:
+        tokenizer.add_special_tokens({"additional_special_tokens": [image_token]})
+    if needs_pad:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def add_token_rows(lm: nn.Module, vocab_size: int) -> tuple[int, list[int]]:

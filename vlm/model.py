@@ -73,7 +73,7 @@ class VisionLanguageModel(nn.Module):
             tokens_per_image=config.tokens_per_image,
             max_length=context_length(hf_lm.config),
         )
-        self.base_vocab_size, self.new_token_ids = add_token_rows(hf_lm, len(tokenizer))
+        self.base_vocab_size, self.new_token_ids = add_token_rows(hf_lm, len(self.processor.tokenizer))
 
         cross_attention = config.injection.mode == "cross_attention"
         self.resampler, self.projector, media_width = build_connector(
@@ -103,6 +103,10 @@ class VisionLanguageModel(nn.Module):
                 reset_token_id=self.processor.eos_token_id if inj.xattn_reset_after_eos else None,
             )
         self.lm = apply_lora(lm, config.lora, config.lm)
+        from transformers import GenerationConfig
+
+        # what it sets overrides generate()'s defaults (config.max_new_tokens, greedy); saved by save_pretrained
+        self.generation_config = GenerationConfig()
 
         lm_param = next(hf_lm.parameters())
         self.resampler.to(lm_param.device)
@@ -328,6 +332,8 @@ class VisionLanguageModel(nn.Module):
 
     def _generate(self, input_ids, attention_mask, per_sample, media, counts, generation_kwargs: dict):
         lm_inputs = self._lm_inputs(input_ids, per_sample, media, counts)
+        for key, value in _set_fields(self.generation_config).items():
+            generation_kwargs.setdefault(key, value)
         generation_kwargs.setdefault("max_new_tokens", self.config.max_new_tokens)
         generation_kwargs.setdefault("pad_token_id", self.processor.pad_token_id)
         generation_kwargs.setdefault("eos_token_id", self.processor.eos_token_id)
@@ -391,3 +397,37 @@ class VisionLanguageModel(nn.Module):
             preprocess=preprocess,
             trust_remote_code=trust_remote_code,
         )
+
+    # ----------------------------------------------------------------------------- Hugging Face conventions
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """config.json + connector.safetensors + generation_config.json + lora/ (peft's format); `vlm.hub`."""
+        from .hub import save_pretrained
+
+        return save_pretrained(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, **kwargs) -> VisionLanguageModel:
+        """From a `save_pretrained` / `merge_and_export` directory or a Hub repo id. Keyword arguments:
+        in-memory ``vision_model``, ``lm``, ``tokenizer``, ``preprocess`` (as `load_adapter`), ``revision``,
+        ``token``, ``trust_remote_code``; `vlm.hub.from_pretrained`."""
+        from .hub import from_pretrained
+
+        return from_pretrained(cls, name_or_path, **kwargs)
+
+    def push_to_hub(self, repo_id: str, **kwargs):
+        """`save_pretrained` + a model card, uploaded to ``repo_id`` (``private``, ``token``, ``revision``)."""
+        from .hub import push_to_hub
+
+        return push_to_hub(self, repo_id, **kwargs)
+
+    def merge_and_export(self, directory: str | Path) -> Path:
+        """A plain transformers LM directory with LoRA merged, plus the connector in ``vlm/``; `vlm.hub`."""
+        from .hub import merge_and_export
+
+        return merge_and_export(self, directory)
+
+
+def _set_fields(config) -> dict:
+    """The generation settings ``config`` sets away from transformers' defaults (no bookkeeping keys)."""
+    return {k: v for k, v in config.to_diff_dict().items() if not k.startswith("_") and k != "transformers_version"}

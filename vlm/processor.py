@@ -11,6 +11,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .language import tokenizer_with_image_token
+
 __all__ = ["VLMProcessor", "IGNORE_INDEX"]
 
 IGNORE_INDEX = -100
@@ -27,17 +29,14 @@ class VLMProcessor:
     def __init__(self, tokenizer, *, image_token: str = "<image>", tokens_per_image: int = 64, max_length=None):
         if tokens_per_image <= 0:
             raise ValueError(f"tokens_per_image must be positive, got {tokens_per_image}")
+        if tokenizer.eos_token_id is None:
+            raise ValueError("tokenizer has no eos_token; set tokenizer.eos_token before building the VLM")
+        tokenizer = tokenizer_with_image_token(tokenizer, image_token)  # a copy: the caller's is never changed
         self.tokenizer = tokenizer
         self.image_token = image_token
         self.tokens_per_image = tokens_per_image
         self.max_length = max_length
-        if image_token not in tokenizer.get_vocab():
-            tokenizer.add_special_tokens({"additional_special_tokens": [image_token]})
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
-        if tokenizer.eos_token_id is None:
-            raise ValueError("tokenizer has no eos_token; set tokenizer.eos_token before building the VLM")
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
         bos = tokenizer.bos_token_id
         self.bos_token_id = bos if bos is not None and bos != tokenizer.eos_token_id else None
 

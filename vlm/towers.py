@@ -8,6 +8,7 @@ from torch import nn
 
 from .config import VisionConfig
 from .hf_vision import HFVisionTower, load_hf_vision
+from .local import check_vision_paths
 from .vision import FrozenTower, VisionTower, load_open_clip
 
 __all__ = ["load_vision", "build_vision_tower", "load_vision_tower"]
@@ -15,6 +16,7 @@ __all__ = ["load_vision", "build_vision_tower", "load_vision_tower"]
 
 def load_vision(config: VisionConfig):
     """(tower model, PIL preprocess) named by ``config``: open_clip or a transformers checkpoint."""
+    check_vision_paths(config)
     if config.kind == "open_clip":
         return load_open_clip(config)
     return load_hf_vision(config)

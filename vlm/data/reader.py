@@ -36,6 +36,7 @@ from torch import Tensor
 
 from .. import distributed
 from ..processor import IGNORE_INDEX
+from ..training.interrupt import ignore_stop_signals
 from .config import DataConfig
 from .decode import FEATURES_EXT, BadSample, build_transform, decode_image, read_captions, read_features
 from .shards import IMAGE_EXTENSIONS, resolve_shards
@@ -312,6 +313,7 @@ class CaptionLoader:
             collate_fn=_passthrough,
             persistent_workers=False,
             prefetch_factor=2 if workers else None,
+            worker_init_fn=ignore_stop_signals if workers else None,  # the main process handles Ctrl-C / SIGTERM
         )
         per_worker: dict[int, tuple[dict[str, int], dict[str, int]]] = {}
         self._passes.append(per_worker)

@@ -29,11 +29,16 @@ from ..data.reader import CaptionLoader
 from ..data.shards import IMAGE_EXTENSIONS
 from ..distributed import init_distributed, print0, rank
 from ..io import atomic_write
+from ..launch import check_launch, describe_world
 from ..model import VisionLanguageModel
 from ..training import TrainResult, set_seed, train
+from ..training.fsdp import export_adapter
+from ..training.interrupt import exit_status, stop_message
 from .assets import prepare, split_spec
 from .config import RunConfig
 from .evaluate import run_evaluation, score_results
+from .resume import check_resume
+from .validate import make_validator
 
 __all__ = [
     "build_model",
@@ -69,7 +74,20 @@ def train_loader(cfg: RunConfig, model: VisionLanguageModel) -> CaptionLoader:
 
 
 def run_training(cfg: RunConfig, model: VisionLanguageModel | None = None) -> tuple[VisionLanguageModel, TrainResult]:
-    """Train and write ``<output_dir>/adapter`` (the adapter-only checkpoint) on rank 0."""
+    """Train and write ``<output_dir>/adapter`` (the adapter-only checkpoint) on rank 0 (every rank calls).
+
+    An output directory holding a run continues it, or says it is finished, or refuses a changed
+    config (`vlm.pipeline.resume`). A run stopped by SIGINT/SIGTERM prints how to resume and exits
+    with 128 + the signal's number (130, 143) after its checkpoint.
+    """
+    point = check_resume(cfg)
+    if point is not None and point.finished and (cfg.out / "adapter").is_dir():
+        print0(
+            f"train: the run in {cfg.out} is finished (step {point.step} of {cfg.train.max_steps}, adapter in "
+            f"{cfg.out / 'adapter'}); nothing to train. Raise train.max_steps to train on, or use a new output_dir."
+        )
+        model = load_trained(cfg) if model is None else model
+        return model, TrainResult(point.step, [], point.step, cfg.out, cfg.out / "metrics.csv")
     model = build_model(cfg) if model is None else model
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
@@ -78,13 +96,29 @@ def run_training(cfg: RunConfig, model: VisionLanguageModel | None = None) -> tu
         cfg.out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, cfg.out / "run_config.yaml")
     start = time.perf_counter()
-    result = train(model, train_loader(cfg, model), cfg.train, cfg.out, seed=cfg.seed, run_config=to_dict(cfg))
+    print0(describe_world(cfg.data.batch_size, cfg.train.grad_accum_steps))
+    validate = make_validator(cfg, model)
+    loader = train_loader(cfg, model)
+    result = train(model, loader, cfg.train, cfg.out, seed=cfg.seed, run_config=to_dict(cfg), validate=validate)
     seconds = time.perf_counter() - start
-    if rank() == 0 and result.step == cfg.train.max_steps:
-        model.save_adapter(cfg.out / "adapter")
-    tail = result.losses[-20:] or [float("nan")]
-    print0(f"train: {result.step} steps, last loss {sum(tail) / len(tail):.4f}, {seconds:.1f} s this call")
+    if result.stopped_by:
+        print0(stop_message(result.stopped_by, result.step, cfg.train.max_steps, result.stop_checkpoint))
+        raise SystemExit(exit_status(result.stopped_by))
+    if result.step == cfg.train.max_steps:
+        export_adapter(model, cfg.out / "adapter", step=result.step)  # rank 0 writes; a sharded model is gathered first
+    print0(f"train: {result.step} steps; {_loss_summary(result.losses)}; {seconds:.1f} s this call")
+    print0(
+        f"train data: skipped {dict(loader.bad_samples)}, converted {dict(loader.converted)}; "
+        f"{result.skipped_steps} optimizer steps skipped"
+    )
     return model, result
+
+
+def _loss_summary(losses: list[float]) -> str:
+    if not losses:
+        return "no step trained in this call"
+    tail = losses[-20:]
+    return f"last step's loss {losses[-1]:.4f} (mean of the last {len(tail)}: {sum(tail) / len(tail):.4f})"
 
 
 def load_trained(cfg: RunConfig, adapter: str | Path | None = None) -> VisionLanguageModel:
@@ -109,6 +143,7 @@ def cache_features(cfg: RunConfig) -> None:
 def train_adapter(cfg: RunConfig) -> tuple[VisionLanguageModel, TrainResult]:
     """``pvlm-train``: join torchrun's process group (if any), prepare, train."""
     init_distributed()
+    check_launch()
     return run_training(prepare(cfg))
 
 

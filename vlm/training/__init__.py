@@ -7,6 +7,8 @@ One module per concern:
     optim.py     the one parameter-group rule, AdamW, the one warmup-cosine schedule
     batches.py   EpochLoader and BatchStream: a resumable position in the data
     state.py     training checkpoints: save, find the latest, load (weights, optimizer, RNG, data position)
+    fsdp.py      train.distributed=fsdp: FSDP2 units over the LM's layers and the connector; adapter export
+    sharded.py   the checkpoints of fsdp runs: torch.distributed.checkpoint, resumable on any world size
     metrics.py   metrics.csv, TensorBoard, progress bar, loss-curve plot
 """
 

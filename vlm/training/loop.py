@@ -3,13 +3,23 @@
 ``train(model, loader, config, output_dir)`` runs AdamW over `vlm.training.optim.param_groups`
 (separate learning rates for the connector and for LoRA) with the warmup-cosine schedule, gradient
 accumulation, clipping, an fp32/bf16/fp16 autocast choice, atomic checkpoints every N steps
-(`vlm.training.state`) and a resume that continues the same run bit for bit. Metrics go to
-``metrics.csv`` and TensorBoard, and a loss-curve PNG is drawn at the end (`vlm.training.metrics`).
+(`vlm.training.state`) and a resume from the newest verified checkpoint that continues the same run
+bit for bit. A step is skipped and counted when its loss or gradient is non-finite, or when the
+update itself left a parameter non-finite (`vlm.training.guard` rolls it back); ``train.max_bad_steps``
+of them in a row stop the run with a checkpoint of the last good (finite) state, which prunes nothing.
+Metrics go to ``metrics.csv``, TensorBoard (and Weights & Biases when asked) with a console line every
+``train.log_every`` steps, and a loss-curve PNG is drawn at the end (`vlm.training.metrics`). A
+``validate(step)`` callback runs every ``train.eval_every`` steps, its RNG use kept out of the run.
+SIGINT/SIGTERM stop the run after the current step with a checkpoint that prunes nothing
+(`vlm.training.interrupt`). ``train.distributed=fsdp`` shards the model (`vlm.training.fsdp`) and
+writes sharded checkpoints (`vlm.training.sharded`).
 
 The model is anything whose ``model(**batch)`` returns an object with ``.loss``; its trainable
 parameters are those with ``requires_grad``. Launch N processes with
 ``torchrun --standalone --nproc_per_node N ...``: every rank sees its own slice of each global batch
-and gradients are averaged with one all-reduce per optimizer step (after accumulation).
+and gradients are averaged with one all-reduce per optimizer step (after accumulation). With
+``train.distributed=fsdp`` the model is sharded instead (`vlm.training.fsdp`: FSDP2 reduce-scatters the
+gradients in backward) and checkpoints are sharded (`vlm.training.sharded`).
 """
 
 from __future__ import annotations
@@ -17,7 +27,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -25,12 +35,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..distributed import any_rank, average_gradients, broadcast_parameters, mean_over_ranks, rank, world_size
+from ..distributed import any_rank, average_gradients, broadcast_parameters, mean_over_ranks, print0, rank, world_size
+from . import sharded
 from .batches import BatchStream
-from .config import TrainConfig, TrainResult
+from .config import TrainConfig, TrainResult, resolve_device
+from .fsdp import shard_model
+from .guard import StepGuard
+from .interrupt import StopOnSignal
 from .metrics import MetricLogger, progress_bar
 from .optim import build_optimizer, warmup_cosine
-from .state import CHECKPOINT_DIR, latest_checkpoint, load_checkpoint, save_checkpoint, set_seed
+from .state import CHECKPOINT_DIR, find_checkpoint, load_checkpoint, save_checkpoint, set_seed
+from .validation import preserved_rng
 
 __all__ = ["train", "enable_gradient_checkpointing"]
 
@@ -44,6 +59,7 @@ def train(
     seed: int = 0,
     run_config: dict[str, Any] | None = None,
     stop_after: int | None = None,
+    validate: Callable[[int], dict[str, float]] | None = None,
 ) -> TrainResult:
     """Train ``model``'s trainable parameters on batches from ``loader``; see the module docstring.
 
@@ -57,17 +73,40 @@ def train(
         run_config: the full run configuration, stored in every checkpoint for the record.
         stop_after: stop (with a checkpoint) after this many optimizer steps of this call — for
             tests and for time-boxed jobs; the run can then be resumed.
+        validate: called with the step every ``config.eval_every`` steps (on every rank); the metrics
+            it returns are logged (``eval_metrics.csv``, TensorBoard ``val/*``). The RNG state is
+            restored after it, so validating never changes the training run.
+
+    SIGINT/SIGTERM during the call: the step in progress completes, a checkpoint is written and the
+    call returns with ``stopped_by`` set to the signal's name; a second signal raises
+    `vlm.training.interrupt.TrainingAborted`.
     """
+    with StopOnSignal(enabled=config.stop_on_signal) as stop:
+        return _train(model, loader, config, output_dir, seed, run_config, stop_after, validate, stop)
+
+
+def _train(model, loader, config, output_dir, seed, run_config, stop_after, validate, stop) -> TrainResult:
     out = Path(output_dir)
     main, world = rank() == 0, world_size()
-    device = _model_device(model)
+    device = resolve_device(config.device, _model_device(model))
     set_seed(seed + rank())
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
     if not trainable:
         raise ValueError("train: the model has no parameter with requires_grad=True; nothing to train")
+    if any(p.device != device for p in trainable.values()):
+        model.to(device)  # train.device is honoured: the model trains where the config says
+        trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    broadcast_parameters(trainable.values())
+    fsdp = config.distributed == "fsdp"
+    if not fsdp:
+        broadcast_parameters(trainable.values())
+    else:  # broadcast, then shard (unless sharded already); parameters become DTensors: rebuild what refers to them
+        model = shard_model(model, config)
+        trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        device = _model_device(model)
+    save, load = (sharded.save_checkpoint, sharded.load_checkpoint) if fsdp else (save_checkpoint, load_checkpoint)
+    weights = model if fsdp else trainable  # what the checkpoint functions read and restore
     optimizer = build_optimizer(model, config)
     schedule = warmup_cosine(config.max_steps, config.warmup_steps, config.min_lr_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
@@ -75,9 +114,13 @@ def train(
     stream = BatchStream(loader)
 
     start_step = 0
-    ckpt = latest_checkpoint(out) if config.resume else None
+    ckpt = (sharded.find_checkpoint if fsdp else find_checkpoint)(out) if config.resume else None
     if ckpt is not None:
-        start_step = load_checkpoint(ckpt, trainable, optimizer, scheduler, scaler, stream)
+        start_step = load(ckpt, weights, optimizer, scheduler, scaler, stream)
+        print0(
+            f"train: resuming from step {start_step} of {config.max_steps} (checkpoint {getattr(ckpt, 'path', ckpt)})"
+        )
+    guard = StepGuard(trainable.values(), optimizer)
     if main:
         out.mkdir(parents=True, exist_ok=True)
     logger = MetricLogger(out, start_step, config, enabled=main)
@@ -88,6 +131,7 @@ def train(
     losses: list[float] = []
     step = start_step
     skipped, bad_in_row = 0, 0
+    stopped_by, stop_path = None, None
     tick = time.perf_counter()
     while step < end_step:
         step_loss, samples, bad = 0.0, 0, False
@@ -97,31 +141,39 @@ def train(
                 loss = model(**batch).loss
             if bad or not torch.isfinite(loss):  # keep consuming the step's micro-batches, skip their backward
                 bad = True
-                continue
+                if not fsdp:  # fsdp: every rank runs every backward (it holds collectives); the step is skipped
+                    continue
             scaler.scale(loss / config.grad_accum_steps).backward()
             step_loss += loss.item() / config.grad_accum_steps
             samples += _batch_size(batch)
         skip, grad_norm = any_rank(bad), math.nan
+        why = "non-finite loss or gradient"
         if not skip:
-            average_gradients(trainable.values())
+            if not fsdp:
+                average_gradients(trainable.values())
             scaler.unscale_(optimizer)
             grad_norm = _clip(trainable.values(), config.max_grad_norm)
             skip = not math.isfinite(grad_norm) and not scaler.is_enabled()  # fp16: the scaler skips, rescales
+        if not skip:
+            guard.snapshot()
+            scaler.step(optimizer)
+            scaler.update()
+            if any_rank(not guard.finite()):
+                guard.restore()
+                skip, why = True, "the update made a parameter non-finite (rolled back)"
         if skip:
             optimizer.zero_grad(set_to_none=True)
             skipped, bad_in_row = skipped + 1, bad_in_row + 1
-            _warn(f"train: skipped step {step + 1}: non-finite loss or gradient ({bad_in_row} in a row)")
+            _warn(f"train: skipped step {step + 1}: {why} ({bad_in_row} in a row)")
             if bad_in_row >= config.max_bad_steps:
-                path = save_checkpoint(out, step, trainable, optimizer, scheduler, scaler, stream, config, run_config)
+                path = save(out, step, weights, optimizer, scheduler, scaler, stream, config, run_config, prune=False)
                 raise FloatingPointError(
-                    f"train: {bad_in_row} optimizer steps in a row had a non-finite loss or gradient "
-                    f"(train.max_bad_steps={config.max_bad_steps}); stopped after step {step}. The last good state "
+                    f"train: {bad_in_row} optimizer steps in a row were skipped ({why}; "
+                    f"train.max_bad_steps={config.max_bad_steps}); stopped after step {step}. The last good state "
                     f"is saved in {path or out / CHECKPOINT_DIR}. Lower train.lr, check the data, or use fp32."
                 )
             continue
         bad_in_row = 0
-        scaler.step(optimizer)
-        scaler.update()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         step += 1
@@ -133,12 +185,22 @@ def train(
         if progress is not None:
             progress.update(1)
             progress.set_postfix(loss=f"{step_loss:.4f}", refresh=False)
-        if step == end_step or (config.checkpoint_every and step % config.checkpoint_every == 0):
-            save_checkpoint(out, step, trainable, optimizer, scheduler, scaler, stream, config, run_config)
+        if validate is not None and config.eval_every and step % config.eval_every == 0:
+            with preserved_rng():
+                logger.log_eval(step, validate(step))
+            model.train()
+        stopping = stop.requested()
+        if stopping or step == end_step or (config.checkpoint_every and step % config.checkpoint_every == 0):
+            path = save(
+                out, step, weights, optimizer, scheduler, scaler, stream, config, run_config, prune=not stopping
+            )
+            if stopping:
+                stopped_by, stop_path = stop.signal_name, path
+                break
     if progress is not None:
         progress.close()
     logger.close(plot=config.plot and step == config.max_steps)
-    return TrainResult(step, losses, start_step, out, out / "metrics.csv", logger.rows, skipped)
+    return TrainResult(step, losses, start_step, out, out / "metrics.csv", logger.rows, skipped, stopped_by, stop_path)
 
 
 def _warn(message: str) -> None:
