@@ -55,12 +55,12 @@ def test_interleaved_images_and_text_only_samples_batch_like_alone(model):
     counts = [2, 0, 1]
     images = tiny_images(3, seed=3)
     batch = model.processor(prompts, captions=captions, num_images=counts)
-    out = model(images=images, **batch)
+    out = model(images=images, **batch, logits_to_keep=0)  # all positions (labels would keep only the tail)
     starts = [0, 2, 2]
     for i in range(3):
         solo = model.processor([prompts[i]], captions=[captions[i]], num_images=counts[i])
         sub = images[starts[i] : starts[i] + counts[i]]
-        solo_out = model(images=sub if counts[i] else None, **solo)
+        solo_out = model(images=sub if counts[i] else None, **solo, logits_to_keep=0)
         n = solo["input_ids"].shape[1]
         torch.testing.assert_close(out.logits[i, :n], solo_out.logits[0], rtol=1e-5, atol=1e-5)
 
@@ -75,10 +75,36 @@ def test_labels_cover_only_the_caption_and_eos(model):
     assert (labels[ids == model.image_token_id] == IGNORE_INDEX).all()
     assert (labels[mask == 0] == IGNORE_INDEX).all()
     # the loss is the mean next-token cross-entropy over exactly those positions
-    out = model(images=tiny_images(2), **batch)
-    logits, shifted = out.logits[:, :-1], labels[:, 1:]
+    full = model(images=tiny_images(2), **batch, logits_to_keep=0)
+    assert full.logits.shape[1] == ids.shape[1]
+    logits, shifted = full.logits[:, :-1], labels[:, 1:]
     manual = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), shifted.reshape(-1), ignore_index=IGNORE_INDEX)
+    torch.testing.assert_close(full.loss, manual)
+    # by default the head runs only from the position before the first label: same loss, the tail's logits
+    out = model(images=tiny_images(2), **batch)
+    first = int((labels != IGNORE_INDEX).any(0).nonzero()[0])
+    assert out.logits.shape[1] == ids.shape[1] - first + 1
+    torch.testing.assert_close(out.logits, full.logits[:, first - 1 :], rtol=0, atol=1e-6)
     torch.testing.assert_close(out.loss, manual)
+
+
+@pytest.mark.parametrize("mode", ["prefix", "cross_attention"])
+def test_label_only_logits_give_the_full_loss_and_gradients(mode):
+    """The default head-on-supervised-positions path trains exactly like all-position logits."""
+    model = _perturb(tiny_vlm("llama", injection=InjectionConfig(mode=mode)))
+    batch = model.processor(["<image>Caption:", "<image>Q: what?"], captions=["a red circle", "a"], num_images=[1, 1])
+    images = tiny_images(2, seed=1)
+    grads = []
+    for kwargs in ({"logits_to_keep": 0}, {}):
+        model.zero_grad()
+        out = model(images=images, **batch, **kwargs)
+        out.loss.backward()
+        grads.append((out.loss.detach(), [p.grad.clone() for p in model.trainable_parameters()]))
+    (loss_full, grads_full), (loss_kept, grads_kept) = grads
+    torch.testing.assert_close(loss_kept, loss_full, rtol=1e-6, atol=1e-7)
+    for kept, full in zip(grads_kept, grads_full, strict=True):
+        torch.testing.assert_close(kept, full, rtol=1e-5, atol=1e-7)
+    assert out.logits.shape[1] < batch["input_ids"].shape[1]  # the default did keep fewer positions
 
 
 def test_precomputed_features_nested_lists_and_pil_match_tensors(model):

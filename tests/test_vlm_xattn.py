@@ -41,7 +41,7 @@ def _open_gates(model, value=1.0):
 def test_gates_at_zero_give_the_base_lm_exactly(family):
     model, base = _build(family, lora=True)
     batch = model.processor(["<image>a red <image>circle", "no image here"], captions=["x", "y"], num_images=[2, 0])
-    got = model(images=tiny_images(2), **batch).logits
+    got = model(images=tiny_images(2), **batch, logits_to_keep=0).logits  # all positions, as the base gives
     want = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     assert torch.equal(got, want)
     # the LM's own weights keep their names: its state dict is exactly the base's

@@ -15,6 +15,7 @@ Models converted from IDEFICS, Idefics2 and OpenFlamingo (`vlm.convert`) are ins
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -219,7 +220,10 @@ class VisionLanguageModel(nn.Module):
         """HF-style output (``.loss`` when labels are given, ``.logits`` (B, L, vocab)).
 
         Images are matched, in order, to the ``<image>`` runs of the whole batch (sample 0's images
-        first); samples without ``<image>`` are text-only.
+        first); samples without ``<image>`` are text-only. With labels, the LM head runs only from the
+        position that predicts the batch's first label on (HF ``logits_to_keep``): ``.logits`` is then
+        (B, k, vocab), the last k positions, and the image prefix and prompt cost no vocabulary
+        projection; pass ``logits_to_keep=0`` for all L positions.
         """
         self._check_text(input_ids, attention_mask, labels)
         per_sample = self.processor.count_images(input_ids)  # (B,)
@@ -228,11 +232,27 @@ class VisionLanguageModel(nn.Module):
         )
         if labels is not None:
             labels = labels.masked_fill(input_ids == self.image_token_id, IGNORE_INDEX)
+            labels, lm_kwargs = self._supervised_logits(labels, lm_kwargs)
         lm_inputs = self._lm_inputs(input_ids, per_sample, media, counts)
         if self.xattn is None:
             return self.language_model(**lm_inputs, attention_mask=attention_mask, labels=labels, **lm_kwargs)
         with self.xattn.attach(media_per_sample(media, per_sample)):
             return self.language_model(**lm_inputs, attention_mask=attention_mask, labels=labels, **lm_kwargs)
+
+    def _supervised_logits(self, labels: Tensor, lm_kwargs: dict) -> tuple[Tensor, dict]:
+        """(labels, LM kwargs) that keep only the logits from the one before the first label on: the
+        LM's loss shifts labels by one, so the last k labels pair with the last k logits exactly."""
+        if "logits_to_keep" in lm_kwargs or "logits_to_keep" not in self._lm_forward_arguments:
+            return labels, lm_kwargs
+        supervised = (labels != IGNORE_INDEX).any(0).nonzero()
+        keep = labels.shape[1] - int(supervised[0]) + 1 if len(supervised) else 0
+        if not 0 < keep < labels.shape[1]:  # nothing supervised, or the first position already is
+            return labels, lm_kwargs
+        return labels[:, -keep:], {**lm_kwargs, "logits_to_keep": keep}
+
+    @property
+    def _lm_forward_arguments(self):
+        return inspect.signature(type(self.language_model).forward).parameters
 
     def _check_text(self, input_ids: Tensor, attention_mask: Tensor | None, labels: Tensor | None) -> None:
         if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
