@@ -198,6 +198,33 @@ def test_generation_equals_a_step_by_step_forward():
     assert torch.equal(new, ids[:, batch["input_ids"].shape[1] :])
 
 
+def test_generation_projects_the_media_once_per_block_and_never_reuses_them():
+    """Decoding reuses each block's media keys/values from the prompt's call (IDEFICS re-projects them
+    at every step); a new generate call with other images gets its own."""
+    model, _ = _build(every_k=1)
+    _open_gates(model, 0.8)
+    batch = model.processor(["<image>a red", "<image>Caption:"], padding_side="left")
+    kwargs = {"max_new_tokens": 6, "return_dict_in_generate": True, "output_scores": True}
+
+    def scores(m, seed):
+        out = m.generate_ids(**batch, images=tiny_images(2, seed=seed), **kwargs)
+        return torch.stack(out.scores)
+
+    calls = []
+    hooks = [b.attn.to_kv.register_forward_hook(lambda m, a, out: calls.append(1)) for b in model.xattn.blocks]
+    try:
+        first = scores(model, 4)
+        assert len(calls) == len(model.xattn.blocks)  # one projection per block for 6 decoding steps
+        second = scores(model, 5)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    fresh, _ = _build(every_k=1)
+    _open_gates(fresh, 0.8)
+    torch.testing.assert_close(second, scores(fresh, 5), rtol=0, atol=0)  # no stale keys/values
+    assert not torch.allclose(first, second)  # (the images do change the scores)
+
+
 def test_media_do_not_outlive_a_call():
     """Regression: after a call with images, the LM alone is the text-only LM again (no stale images,
     no batch-size error)."""

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from resampler import Attention, AttentionSpec, FeedForward, FeedForwardSpec, NormSpec, make_norm
+from resampler.nn.attention import zero_unattended
 
 __all__ = ["GatedCrossAttentionBlock", "GatedCrossAttention", "latest_image_index"]
 
@@ -63,17 +64,27 @@ class GatedCrossAttentionBlock(nn.Module):
         self.ff = FeedForward(dim, ff)
         self.ff_gate = nn.Parameter(torch.zeros(gate_shape))
 
-    def forward(self, x: Tensor, media: Tensor | None, mask: Tensor | None, has_media: Tensor) -> Tensor:
+    def forward(
+        self, x: Tensor, media: Tensor | None, mask: Tensor | None, has_media: Tensor, kv: tuple | None = None
+    ) -> Tensor:
         """x (B, L, dim), media (B, M, media_dim) or None (no image in the batch), mask (B, L, M) True =
-        attend, has_media (B, L, 1) the tokens that see an image -> (B, L, dim)."""
+        attend, has_media (B, L, 1) the tokens that see an image -> (B, L, dim). ``kv``: the media's
+        keys and values, projected earlier (`media_kv`), used instead of projecting ``media`` again."""
         h = x.float()
         if media is not None:  # a token whose mask row is empty gets exactly 0 from the attention
-            h = h + torch.tanh(self.attn_gate) * self.attn(self.norm_attn(h), media, mask)
+            normed = self.norm_attn(h)
+            attended = self.attn(normed, media, mask) if kv is None else self.attn.attend_kv(normed, *kv, mask)
+            h = h + torch.tanh(self.attn_gate) * attended
         ff = self.ff(self.norm_ff(h))
         if self.ff_scope == "after_image":
             ff = ff * has_media
         h = h + torch.tanh(self.ff_gate) * ff
         return x + (h - x.float()).to(x.dtype)  # exactly x where the gates are 0
+
+    def media_kv(self, media: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """The keys and values of ``media`` (B, M, media_dim) for queries under ``mask`` (B, L, M), rows
+        no query attends to zeroed first (what ``forward`` does): valid for any later mask within it."""
+        return self.attn.project_kv(zero_unattended(media, mask, mask.shape[1], self.attn.heads))
 
 
 def latest_image_index(input_ids: Tensor, image_token_id: int, reset_token_id: int | None = None) -> Tensor:
@@ -128,6 +139,7 @@ class GatedCrossAttention(nn.Module):
         self._media_index: Tensor | None = None
         self._token_image: Tensor | None = None  # (B_call, L) of the current LM call; None: blocks off
         self._end_state: Tensor | None = None  # (B_call,) what the last prompt token sees
+        self._kv: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}  # (block, batch) -> media K/V, no-grad calls
         self._handles = [lm.register_forward_pre_hook(_LMPreHook(self), with_kwargs=True)]
         self._handles += [
             layers[i].register_forward_pre_hook(_PreHook(self, block), with_kwargs=True)
@@ -144,7 +156,7 @@ class GatedCrossAttention(nn.Module):
             b, t, n, d = media.shape
             self._media = media.reshape(b, t * n, d)  # (B, T*N, D)
             self._media_index = torch.arange(t, device=media.device).repeat_interleave(n)  # (T*N,)
-        self._active, self._end_state = True, None
+        self._active, self._end_state, self._kv = True, None, {}
         try:
             yield
         finally:
@@ -154,12 +166,13 @@ class GatedCrossAttention(nn.Module):
         """Set which image each token of this LM call sees (the LM pre-hook calls it)."""
         if not self._active:
             self._media = self._media_index = self._token_image = self._end_state = None
+            self._kv = {}
             return
         if input_ids is None:
             raise ValueError("gated cross-attention needs input_ids (it finds the <image> tokens in them)")
         if past_length == 0 or self._end_state is None:
             token_image = latest_image_index(input_ids, self.image_token_id, self.reset_token_id)  # (B, L)
-            self._end_state = token_image[:, -1]
+            self._end_state, self._kv = token_image[:, -1], {}
         else:  # decoding with a KV cache: the new tokens follow the prompt
             token_image = self._end_state[:, None].expand(-1, input_ids.shape[1])
         self._token_image = token_image
@@ -181,7 +194,13 @@ class GatedCrossAttention(nn.Module):
                 media = media.repeat_interleave(b // media.shape[0], dim=0)
             mask = token_image[:, :, None] == self._media_index[None, None, :]  # (B, L, T*N)
             media, mask = media.to(hidden.device), mask.to(hidden.device)
-        return block(hidden, media, mask, has_media)
+        kv = None
+        if media is not None and not torch.is_grad_enabled():  # generation: project the media once per prompt
+            key = (id(block), b)
+            if key not in self._kv:  # the prompt's call: later calls' tokens see what its last token sees
+                self._kv[key] = block.media_kv(media, mask)
+            kv = self._kv[key]
+        return block(hidden, media, mask, has_media, kv=kv)
 
     def remove_hooks(self) -> None:
         for handle in self._handles:

@@ -30,11 +30,28 @@ def _ids(tokenizer) -> dict:
     }
 
 
-def tiny_idefics(seed: int = 0, *, cross_layer_interval: int = 2, alpha_type: str = "vector", qk_norms: bool = True):
+def _sized(config: dict, sizes: dict | None) -> dict:
+    """``config`` with ``sizes`` laid over it; nested dicts (``vision_config``...) are updated, not replaced."""
+    out = dict(config)
+    for key, value in (sizes or {}).items():
+        out[key] = {**out[key], **value} if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def tiny_idefics(
+    seed: int = 0,
+    *,
+    cross_layer_interval: int = 2,
+    alpha_type: str = "vector",
+    qk_norms: bool = True,
+    sizes: dict | None = None,
+):
     """(``IdeficsForVisionText2Text``, ``IdeficsProcessor``): 4 decoder layers, gated cross-attention
     every ``cross_layer_interval``, decoupled embeddings (the processor's 3 added tokens live in
     ``additional_vocab_size``), q/k norms in the cross-attention and the resampler, random gates of
-    ``alpha_type`` ('vector': one per channel, 'float': one each)."""
+    ``alpha_type`` ('vector': one per channel, 'float': one each). ``sizes``: `IdeficsConfig` fields
+    laid over these (nested configs are merged; ``vocab_size`` may exceed the tokenizer's), e.g. the
+    benchmarks' mid-size model."""
     from transformers import IdeficsConfig, IdeficsForVisionText2Text, IdeficsImageProcessor, IdeficsProcessor
 
     tokenizer = tiny_tokenizer()
@@ -42,7 +59,7 @@ def tiny_idefics(seed: int = 0, *, cross_layer_interval: int = 2, alpha_type: st
     tokenizer.add_special_tokens(
         {"additional_special_tokens": ["<fake_token_around_image>", "<image>", "<end_of_utterance>"]}
     )
-    config = IdeficsConfig(
+    kwargs = dict(
         vocab_size=base_vocab,
         additional_vocab_size=len(tokenizer) - base_vocab,
         hidden_size=32,
@@ -74,16 +91,22 @@ def tiny_idefics(seed: int = 0, *, cross_layer_interval: int = 2, alpha_type: st
         },
         **_ids(tokenizer),
     )
+    kwargs = _sized(kwargs, sizes)
+    # a larger vocab_size holds the processor's added tokens in the main table (no additional rows)
+    kwargs["additional_vocab_size"] = max(0, len(tokenizer) - kwargs["vocab_size"])
+    config = IdeficsConfig(**kwargs)
     torch.manual_seed(seed)
     model = IdeficsForVisionText2Text(config).eval()
     _randomize_gates(model, ("alpha_cross_attn", "alpha_dense"), seed)
-    processor = IdeficsProcessor(IdeficsImageProcessor(image_size=IMAGE_SIZE), tokenizer, image_size=IMAGE_SIZE)
+    image_size = config.vision_config.image_size
+    processor = IdeficsProcessor(IdeficsImageProcessor(image_size=image_size), tokenizer, image_size=image_size)
     return model, processor
 
 
-def tiny_idefics2(seed: int = 0):
+def tiny_idefics2(seed: int = 0, *, sizes: dict | None = None):
     """(``Idefics2ForConditionalGeneration``, ``Idefics2Processor``): a Mistral text model with grouped
-    key/value heads, 8 ``<image>`` tokens per image, a 2-layer resampler with 2 kv heads."""
+    key/value heads, 8 ``<image>`` tokens per image, a 2-layer resampler with 2 kv heads. ``sizes``:
+    `Idefics2Config` fields laid over these (nested configs merged), as in `tiny_idefics`."""
     from transformers import (
         Idefics2Config,
         Idefics2ForConditionalGeneration,
@@ -92,12 +115,7 @@ def tiny_idefics2(seed: int = 0):
     )
 
     tokenizer = tiny_tokenizer()
-    image_processor = Idefics2ImageProcessor(
-        do_image_splitting=False, size={"shortest_edge": IMAGE_SIZE, "longest_edge": 2 * IMAGE_SIZE}
-    )
-    processor = Idefics2Processor(image_processor, tokenizer, image_seq_len=8)  # adds its 3 tokens
-    config = Idefics2Config(
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+    kwargs = dict(
         vision_config={
             "hidden_size": 24,
             "intermediate_size": 48,
@@ -118,7 +136,7 @@ def tiny_idefics2(seed: int = 0):
         },
         text_config={
             "model_type": "mistral",
-            "vocab_size": len(tokenizer),
+            "vocab_size": len(tokenizer) + 3,  # with the 3 tokens the processor adds
             "hidden_size": 32,
             "intermediate_size": 64,
             "num_hidden_layers": 2,
@@ -130,6 +148,14 @@ def tiny_idefics2(seed: int = 0):
             **_ids(tokenizer),
         },
     )
+    kwargs = _sized(kwargs, sizes)
+    side = kwargs["vision_config"]["image_size"] // 2  # images between half and all of the tower's size
+    image_processor = Idefics2ImageProcessor(
+        do_image_splitting=False, size={"shortest_edge": side, "longest_edge": 2 * side}
+    )
+    seq_len = kwargs["perceiver_config"]["resampler_n_latents"]
+    processor = Idefics2Processor(image_processor, tokenizer, image_seq_len=seq_len)  # adds its 3 tokens
+    config = Idefics2Config(image_token_id=tokenizer.convert_tokens_to_ids("<image>"), **kwargs)
     torch.manual_seed(seed)
     model = Idefics2ForConditionalGeneration(config).eval()
     with torch.no_grad():  # Idefics2 initialises its resampler latents to ones: move them off it
