@@ -27,7 +27,9 @@ import argparse
 import copy
 import json
 import sys
+import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -184,6 +186,7 @@ def bench_training(name: str, hf, ours, processor, smoke: bool, repeats: int) ->
         repeats=repeats,
         clock=time_cpu,
     )
+    floor = shared_floor_ms(ours, mine, repeats)
     memory = {
         key: peak_memory_mb(lambda m=m, k=k: training_step(m, k), setup=lambda m=m: m.zero_grad(set_to_none=True))
         for key, m, k in (("reference", hf, reference), ("ours", ours, mine))
@@ -194,9 +197,32 @@ def bench_training(name: str, hf, ours, processor, smoke: bool, repeats: int) ->
         "spread": {k: spread(v[1]) for k, v in timed.items()},
         "peak_mib": memory,
         "speedup": timed["reference"][0] / timed["ours"][0],
+        "floor_ms": floor,
+        "bound": timed["reference"][0] / (floor["tower"] + floor["lm"]),
         "memory_ratio": memory["ours"] / memory["reference"],
         **parity,
     }
+
+
+def shared_floor_ms(ours, kwargs: dict, repeats: int) -> dict:
+    """What any implementation with these frozen weights runs: the tower's forward and the LM's forward +
+    backward to its image inputs (our step with the connector's output given as a leaf). A perfect
+    connector would cost nothing beyond them: reference ms / (tower + lm) bounds the possible speed-up."""
+    tower_ms = []
+    hook = ours.vision.register_forward_pre_hook(lambda *_: tower_ms.append(time_cpu()))
+    done = ours.vision.register_forward_hook(lambda *_: tower_ms.append(time_cpu() - tower_ms.pop()))
+    try:
+        with torch.no_grad():
+            images = {k: v for k, v in kwargs.items() if k in ("images", "pixel_attention_mask")}
+            per_sample = ours.processor.count_images(kwargs["input_ids"]).tolist()
+            media, counts = ours.encode_images(**images, per_sample=per_sample)
+    finally:
+        hook.remove(), done.remove()
+    leaf = media.detach().requires_grad_(True)
+    text = {k: v for k, v in kwargs.items() if k not in images}
+    with mock.patch.object(ours, "encode_images", lambda *a, **k: (leaf, counts)):
+        lm = interleaved_ms({"lm": lambda: training_step(ours, text)}, warmup=1, repeats=repeats, clock=time_cpu)
+    return {"tower": tower_ms[-1] * 1e3, "lm": lm["lm"][0]}
 
 
 def bench_generation(name: str, hf, ours, processor, smoke: bool, repeats: int) -> dict:
@@ -230,8 +256,6 @@ def bench_generation(name: str, hf, ours, processor, smoke: bool, repeats: int) 
 
 
 def time_cpu() -> float:
-    import time
-
     return time.process_time()
 
 
@@ -266,6 +290,11 @@ def table(result: dict) -> str:
             f"{t['speedup']:>6.2f}x  batch x tokens {t['tokens'][0]} x {t['tokens'][1]}, loss delta "
             f"{t['loss_delta']:.1e}, grad-norm rel. delta {t['grad_norm_rel_delta']:.1e}, trainable "
             f"{t['trainable_ref'] / 1e6:.2f}M / {t['trainable_ours'] / 1e6:.2f}M"
+        )
+        floor = t["floor_ms"]
+        lines.append(
+            f"{'':<10} {'':<16} {'train bound':<12} {'':>10} {floor['tower'] + floor['lm']:>10.0f} {t['bound']:>6.2f}x  "
+            f"a free connector: tower forward {floor['tower']:.0f} ms + LM forward+backward {floor['lm']:.0f} ms"
         )
         lines.append(
             f"{'':<10} {'':<16} {'train MiB':<12} {t['peak_mib']['reference']:>10.0f} {t['peak_mib']['ours']:>10.0f} "

@@ -248,7 +248,10 @@ class VisionLanguageModel(nn.Module):
         keep = labels.shape[1] - int(supervised[0]) + 1 if len(supervised) else 0
         if not 0 < keep < labels.shape[1]:  # nothing supervised, or the first position already is
             return labels, lm_kwargs
-        return labels[:, -keep:], {**lm_kwargs, "logits_to_keep": keep}
+        # positions as a tensor: the head then gets a contiguous gather of them (a strided slice (B, k, H)
+        # goes to a batched matmul with the head's weight expanded, several times slower on CPU)
+        positions = torch.arange(labels.shape[1] - keep, labels.shape[1], device=labels.device)
+        return labels[:, -keep:], {**lm_kwargs, "logits_to_keep": positions}
 
     @property
     def _lm_forward_arguments(self):
