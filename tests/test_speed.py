@@ -41,3 +41,28 @@ def test_goals_table_marks_met_and_missed():
         "Perceiver IO peak memory at 256k inputs vs transformers": False,
         "4-bit LM weights vs fp32": True,
     }
+
+
+def test_issue_19_goals_read_the_vlm_rows_and_the_vit_l_adapter_row():
+    import speed
+
+    vlm = {
+        "mode": "prefix",
+        "train": {"speedup": 1.35, "bound": 1.6, "memory_ratio": 0.85},
+        "generate": {"speedup": 1.3, "identical": False},
+    }
+    adapter = {"label": "ViT-B-32 + LM 4x512", "cached_speedup": 1.6, "size": {"tower": "ViT-B-32"}}
+    adapter["sweep"] = [
+        dict(adapter),
+        {"label": "ViT-L-14 + LM 2x256", "cached_speedup": 12.0, "size": {"tower": "ViT-L-14"}},
+    ]
+    rows = {
+        r["goal"]: (r["met"], r["measured"])
+        for r in speed.goals({"vlm": {"rows": {"idefics2": vlm}}, "adapter": adapter})
+    }
+    assert rows == {
+        "adapter training: cached features vs image shards": (True, 12.0),  # at the ViT-L-14 tower
+        "VLM training step vs Idefics2 (prefix)": (True, 1.35),
+        "VLM training peak memory vs Idefics2": (False, 0.85),
+        "VLM generation tokens/s vs Idefics2 generate": (False, 1.3),  # fast but not identical: missed
+    }
