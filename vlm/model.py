@@ -29,6 +29,7 @@ from .config import VLMConfig
 from .connector import build_connector, build_projector
 from .gated_xattn import GatedCrossAttention
 from .language import add_token_rows, apply_lora, context_length, load_language_model, load_tokenizer, unwrap_lm
+from .loss import install_causal_lm_loss
 from .media import flatten_features, flatten_images, flatten_pixel_mask, media_per_sample
 from .processor import IGNORE_INDEX, VLMProcessor
 from .registry import decoder_layers
@@ -65,6 +66,7 @@ class VisionLanguageModel(nn.Module):
 
         self.vision = build_vision_tower(vision_model, config.vision, preprocess)
         hf_lm = unwrap_lm(lm)
+        install_causal_lm_loss(hf_lm)  # transformers' default loss with one (N, vocab) buffer fewer
         self.lm_config = hf_lm.config
         self.hidden_size = hf_lm.get_input_embeddings().embedding_dim
         self.model_type = hf_lm.config.model_type

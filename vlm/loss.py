@@ -1,0 +1,73 @@
+"""The causal-LM loss the VLM installs in its language model: transformers' ``ForCausalLMLoss`` with
+one (N, vocab) buffer fewer at the peak of the backward pass.
+
+``F.cross_entropy`` keeps its log-softmax output for the backward pass, whose nll and log-softmax
+backward then allocate two more (N, vocab) tensors. `LeanCrossEntropy` keeps the logits instead and
+computes the gradient, ``(softmax - onehot) * grad / count``, in one new buffer: the same loss and
+gradient (to rounding), with the LM's logits the largest activation of a small-LM training step.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["LeanCrossEntropy", "causal_lm_loss", "install_causal_lm_loss"]
+
+
+class LeanCrossEntropy(torch.autograd.Function):
+    """sum over valid rows of (logsumexp(logits) - logits[target]) / divisor; rows whose target is
+    ``ignore_index`` add nothing and get a zero gradient."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, targets: Tensor, ignore_index: int, divisor: Tensor) -> Tensor:
+        valid = targets != ignore_index
+        safe = targets.masked_fill(~valid, 0)
+        lse = torch.logsumexp(logits, dim=-1)
+        picked = logits.gather(1, safe[:, None])[:, 0]
+        ctx.save_for_backward(logits, lse, safe, valid, divisor)
+        return torch.where(valid, lse - picked, 0.0).sum() / divisor
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        logits, lse, safe, valid, divisor = ctx.saved_tensors
+        out = torch.sub(logits, lse[:, None]).exp_()  # softmax, the one new (N, vocab) buffer
+        out.scatter_add_(1, safe[:, None], torch.full_like(lse, -1.0)[:, None])
+        out.mul_((valid.to(out.dtype) * (grad / divisor))[:, None])
+        return out, None, None, None
+
+
+def causal_lm_loss(
+    logits: Tensor,
+    labels: Tensor,
+    vocab_size: int,
+    num_items_in_batch: Tensor | int | None = None,
+    ignore_index: int = -100,
+    shift_labels: Tensor | None = None,
+    **kwargs,
+) -> Tensor:
+    """``transformers.loss.loss_utils.ForCausalLMLoss``'s signature and result (mean over the label
+    tokens, or sum / ``num_items_in_batch``), computed by `LeanCrossEntropy`."""
+    logits = logits.float()
+    if shift_labels is None:
+        shift_labels = nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    logits = logits.reshape(-1, vocab_size)
+    targets = shift_labels.reshape(-1).to(logits.device)
+    if num_items_in_batch is None:
+        divisor = (targets != ignore_index).sum().to(logits.dtype)
+    else:
+        divisor = torch.as_tensor(num_items_in_batch, device=logits.device).to(logits.dtype)
+    return LeanCrossEntropy.apply(logits, targets, ignore_index, divisor)
+
+
+def install_causal_lm_loss(lm: nn.Module) -> bool:
+    """Make ``lm`` (a transformers causal LM) compute its loss with `causal_lm_loss`, when it uses
+    transformers' default causal-LM loss (a model with its own loss keeps it) -> whether it did."""
+    from transformers import PreTrainedModel
+
+    if type(lm).loss_function is not PreTrainedModel.loss_function or "_loss_function" in vars(lm):
+        return False
+    if getattr(lm, "loss_type", None) not in (None, "ForCausalLM"):
+        return False
+    lm.loss_function = causal_lm_loss
+    return True
