@@ -241,8 +241,13 @@ def bench_generation(name: str, hf, ours, processor, smoke: bool, repeats: int) 
         repeats=repeats,
         clock=time_cpu,
     )
+    first = {**kwargs, "max_new_tokens": 1, "min_new_tokens": 1}  # prefill: tower, connector, LM over the prompt
+    prefill = interleaved_ms(
+        {"ours": lambda: ours.generate_ids(**mine, **first)}, warmup=0, repeats=repeats, clock=time_cpu
+    )
     tokens = n * new
     return {
+        "prefill_ms": prefill["ours"][0],
         "prompts": n,
         "new_tokens": new,
         "prompt_tokens": length,
@@ -304,7 +309,8 @@ def table(result: dict) -> str:
             f"{'':<10} {'':<16} {'gen tok/s':<12} {g['tokens_per_s']['reference']:>10.1f} "
             f"{g['tokens_per_s']['ours']:>10.1f} {g['speedup']:>6.2f}x  {g['prompts']} prompts x {g['new_tokens']} "
             f"new tokens (prompt {g['prompt_tokens']}), identical tokens: {g['identical']} "
-            f"({g['identical_fraction']:.1%})"
+            f"({g['identical_fraction']:.1%}); ours' prefill (one new token) {g['prefill_ms']:.0f} ms of "
+            f"{g['ms']['ours']:.0f}"
         )
     return "\n".join(lines)
 
