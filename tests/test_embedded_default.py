@@ -1,4 +1,4 @@
-"""The embedded default (README command one) end to end, with the issue's targets. Slow: ~10 min on 2 cores.
+"""The embedded default (README command one) end to end, with the issue's targets. Slow: ~12 min on 2 cores.
 
 .venv/bin/python -m pytest -m slow tests/test_embedded_default.py
 """

@@ -1,4 +1,4 @@
-"""The causal-LM loss the VLM installs in its language model: transformers' ``ForCausalLMLoss`` with
+"""The causal-LM loss the VLM installs in its language model, and the logits it needs. The loss: transformers' ``ForCausalLMLoss`` with
 one (N, vocab) buffer fewer at the peak of the backward pass.
 
 ``F.cross_entropy`` keeps its log-softmax output for the backward pass, whose nll and log-softmax
@@ -9,10 +9,14 @@ gradient (to rounding), with the LM's logits the largest activation of a small-L
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import Tensor, nn
 
-__all__ = ["LeanCrossEntropy", "causal_lm_loss", "install_causal_lm_loss"]
+from .processor import IGNORE_INDEX
+
+__all__ = ["LeanCrossEntropy", "causal_lm_loss", "install_causal_lm_loss", "supervised_logits"]
 
 
 class LeanCrossEntropy(torch.autograd.Function):
@@ -71,3 +75,19 @@ def install_causal_lm_loss(lm: nn.Module) -> bool:
         return False
     lm.loss_function = causal_lm_loss
     return True
+
+
+def supervised_logits(lm: nn.Module, labels: Tensor, lm_kwargs: dict) -> tuple[Tensor, dict]:
+    """(labels, LM kwargs) that keep only the logits from the one before the batch's first label on
+    (HF ``logits_to_keep``; an explicit ``logits_to_keep`` wins): the LM's loss shifts labels by one,
+    so the last k labels pair with the last k logits exactly."""
+    if "logits_to_keep" in lm_kwargs or "logits_to_keep" not in inspect.signature(type(lm).forward).parameters:
+        return labels, lm_kwargs
+    supervised = (labels != IGNORE_INDEX).any(0).nonzero()
+    keep = labels.shape[1] - int(supervised[0]) + 1 if len(supervised) else 0
+    if not 0 < keep < labels.shape[1]:  # nothing supervised, or the first position already is
+        return labels, lm_kwargs
+    # positions as a tensor: the head then gets a contiguous gather of them (a strided slice (B, k, H)
+    # goes to a batched matmul with the head's weight expanded, several times slower on CPU)
+    positions = torch.arange(labels.shape[1] - keep, labels.shape[1], device=labels.device)
+    return labels[:, -keep:], {**lm_kwargs, "logits_to_keep": positions}

@@ -15,7 +15,6 @@ Models converted from IDEFICS, Idefics2 and OpenFlamingo (`vlm.convert`) are ins
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from .config import VLMConfig
 from .connector import build_connector, build_projector
 from .gated_xattn import GatedCrossAttention
 from .language import add_token_rows, apply_lora, context_length, load_language_model, load_tokenizer, unwrap_lm
-from .loss import install_causal_lm_loss
+from .loss import install_causal_lm_loss, supervised_logits
 from .media import flatten_features, flatten_images, flatten_pixel_mask, media_per_sample
 from .processor import IGNORE_INDEX, VLMProcessor
 from .registry import decoder_layers
@@ -234,30 +233,12 @@ class VisionLanguageModel(nn.Module):
         )
         if labels is not None:
             labels = labels.masked_fill(input_ids == self.image_token_id, IGNORE_INDEX)
-            labels, lm_kwargs = self._supervised_logits(labels, lm_kwargs)
+            labels, lm_kwargs = supervised_logits(self.language_model, labels, lm_kwargs)
         lm_inputs = self._lm_inputs(input_ids, per_sample, media, counts)
         if self.xattn is None:
             return self.language_model(**lm_inputs, attention_mask=attention_mask, labels=labels, **lm_kwargs)
         with self.xattn.attach(media_per_sample(media, per_sample)):
             return self.language_model(**lm_inputs, attention_mask=attention_mask, labels=labels, **lm_kwargs)
-
-    def _supervised_logits(self, labels: Tensor, lm_kwargs: dict) -> tuple[Tensor, dict]:
-        """(labels, LM kwargs) that keep only the logits from the one before the first label on: the
-        LM's loss shifts labels by one, so the last k labels pair with the last k logits exactly."""
-        if "logits_to_keep" in lm_kwargs or "logits_to_keep" not in self._lm_forward_arguments:
-            return labels, lm_kwargs
-        supervised = (labels != IGNORE_INDEX).any(0).nonzero()
-        keep = labels.shape[1] - int(supervised[0]) + 1 if len(supervised) else 0
-        if not 0 < keep < labels.shape[1]:  # nothing supervised, or the first position already is
-            return labels, lm_kwargs
-        # positions as a tensor: the head then gets a contiguous gather of them (a strided slice (B, k, H)
-        # goes to a batched matmul with the head's weight expanded, several times slower on CPU)
-        positions = torch.arange(labels.shape[1] - keep, labels.shape[1], device=labels.device)
-        return labels[:, -keep:], {**lm_kwargs, "logits_to_keep": positions}
-
-    @property
-    def _lm_forward_arguments(self):
-        return inspect.signature(type(self.language_model).forward).parameters
 
     def _check_text(self, input_ids: Tensor, attention_mask: Tensor | None, labels: Tensor | None) -> None:
         if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
