@@ -1,5 +1,8 @@
-"""The causal-LM loss the VLM installs in its language model, and the logits it needs. The loss: transformers' ``ForCausalLMLoss`` with
-one (N, vocab) buffer fewer at the peak of the backward pass.
+"""The VLM's causal-LM loss and the logits it needs.
+
+`causal_lm_loss` (installed in the VLM's language model) is transformers' ``ForCausalLMLoss`` with one
+(N, vocab) buffer fewer at the peak of the backward pass; `supervised_logits` keeps the LM head to the
+positions that predict a label.
 
 ``F.cross_entropy`` keeps its log-softmax output for the backward pass, whose nll and log-softmax
 backward then allocate two more (N, vocab) tensors. `LeanCrossEntropy` keeps the logits instead and
@@ -9,6 +12,7 @@ gradient (to rounding), with the LM's logits the largest activation of a small-L
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -77,11 +81,16 @@ def install_causal_lm_loss(lm: nn.Module) -> bool:
     return True
 
 
+@functools.cache
+def _keeps_logits(cls: type) -> bool:
+    return "logits_to_keep" in inspect.signature(cls.forward).parameters
+
+
 def supervised_logits(lm: nn.Module, labels: Tensor, lm_kwargs: dict) -> tuple[Tensor, dict]:
     """(labels, LM kwargs) that keep only the logits from the one before the batch's first label on
     (HF ``logits_to_keep``; an explicit ``logits_to_keep`` wins): the LM's loss shifts labels by one,
     so the last k labels pair with the last k logits exactly."""
-    if "logits_to_keep" in lm_kwargs or "logits_to_keep" not in inspect.signature(type(lm).forward).parameters:
+    if "logits_to_keep" in lm_kwargs or not _keeps_logits(type(lm)):
         return labels, lm_kwargs
     supervised = (labels != IGNORE_INDEX).any(0).nonzero()
     keep = labels.shape[1] - int(supervised[0]) + 1 if len(supervised) else 0
