@@ -5,9 +5,11 @@ import torch
 
 
 @pytest.fixture(autouse=True)
-def _one_torch_thread():
+def _one_torch_thread(monkeypatch):
     """Tiny models run faster on one thread than on two contending ones (measured: 4m51s -> 35s for the
-    Perceiver tests on a loaded 2-core machine); every test gets one and the setting is restored."""
+    Perceiver tests on a loaded 2-core machine); every test gets one and the setting is restored.
+    OMP_NUM_THREADS=1 keeps ``threads: 0`` (auto, `vlm.threads`) of the commands a test runs at one too."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

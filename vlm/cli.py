@@ -44,8 +44,6 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from resampler.config import parse_cli
 
 from . import pipeline
@@ -53,6 +51,7 @@ from .distributed import print0, rank, world_size
 from .io import describe_os_error
 from .lock import DirectoryLocked, try_lock
 from .pipeline.config import RunConfig, default_config_file
+from .threads import set_threads
 from .training.config import resolve_device
 
 __all__ = ["COMMANDS", "Command", "parse", "run", "main", "fields_help"] + [
@@ -143,8 +142,7 @@ def parse(name: str, argv: list[str] | None = None) -> tuple[RunConfig, dict[str
             cfg = parse_cli(RunConfig, ["--config", str(path), *rest], command.description)
     else:
         cfg = parse_cli(RunConfig, rest, command.description)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    set_threads(cfg.threads)
     if any(r == "train" or r.startswith("train.") for r in command.reads):
         resolve_device(cfg.train.device)  # a device this machine lacks is a config error, before any work
     return cfg, vars(options)

@@ -132,15 +132,15 @@ class RunConfig:
     make_synthetic: bool = False  # write the synthetic world to <output_dir>/data first (if not there yet)
     output_dir: str = "runs/default"
     seed: int = 0
-    # torch CPU threads for this run; 0 keeps torch's default. Tiny models gain nothing from more threads,
-    # and threads contending for shared cores slow every step down.
+    # torch CPU threads for this run; 0 = auto: the cores idle when the command starts (vlm.threads),
+    # since a thread on a core another job uses slows every step of a small model down several times.
     threads: int = 0
 
     def __post_init__(self) -> None:
         if not self.output_dir:
             raise ValueError("output_dir must be a directory path")
         if self.threads < 0:
-            raise ValueError(f"threads must be >= 0 (0 = torch's default), got {self.threads}")
+            raise ValueError(f"threads must be >= 0 (0 = auto: the idle cores), got {self.threads}")
 
     @property
     def out(self) -> Path:
