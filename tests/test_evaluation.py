@@ -135,6 +135,33 @@ def test_ptb_path_metrics_and_meteor():
     assert 0 < ptb["METEOR"] < perfect["METEOR"] and perfect["METEOR"] > 0.9
 
 
+@needs_java
+@pytest.mark.slow
+def test_meteor_scorer_is_reused_and_scores_like_a_fresh_one():
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    from vlm import evaluation
+
+    refs = {k: [" ".join(c.split()) for c in v] for k, v in REFS.items()}
+    corpora = [{k: [v] for k, v in PREDS.items()}, {k: [v[0]] for k, v in refs.items()}]
+    fresh = []
+    for preds in corpora:  # what pycocoevalcap gives with a new Java process per call
+        scorer = Meteor()
+        fresh.append(scorer.compute_score(refs, preds)[0])
+        evaluation._close_meteor()  # (no shared scorer yet; this only checks the helper tolerates that)
+        scorer.meteor_p.kill()
+    shared = [evaluation._meteor_score(refs, p) for p in corpora + corpora[::-1]]
+    assert shared == [fresh[0], fresh[1], fresh[1], fresh[0]] and fresh[0] < fresh[1]
+    process = evaluation._METEOR[0].meteor_p
+    assert evaluation._meteor_score(refs, corpora[0]) == fresh[0] and evaluation._METEOR[0].meteor_p is process
+    process.kill()
+    process.wait()
+    assert evaluation._meteor_score(refs, corpora[1]) == fresh[1]  # a dead process is replaced
+    assert evaluation._METEOR[0].meteor_p is not process
+    evaluation._close_meteor()
+    assert evaluation._METEOR == [] and process.poll() is not None
+
+
 def test_metric_inputs_are_checked():
     with pytest.raises(ValueError, match="predictions is empty"):
         caption_metrics({}, REFS, tokenizer="simple")

@@ -15,6 +15,8 @@ uses PTB when Java is on the PATH.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import itertools
 import json
 import re
@@ -163,25 +165,43 @@ def caption_metrics(
         step("ROUGE-L")
         metrics["ROUGE-L"] = float(Rouge().compute_score(refs, preds)[0])
         if use_meteor:
-            from pycocoevalcap.meteor.meteor import Meteor
-
             step("METEOR")
-            scorer = Meteor()
-            try:
-                metrics["METEOR"] = float(scorer.compute_score(refs, preds)[0])
-            finally:
-                _close_meteor(scorer)
+            metrics["METEOR"] = _meteor_score(refs, preds)
         bar.update(1)
     finally:
         bar.close()
     return metrics
 
 
-def _close_meteor(scorer: Any) -> None:
-    with scorer.lock:  # pycocoevalcap leaves the Java process running until garbage collection
-        scorer.meteor_p.stdin.close()
-        scorer.meteor_p.kill()
-        scorer.meteor_p.wait()
+_METEOR: list[Any] = []  # the one METEOR scorer (Java process) of this Python process, started on first use
+
+
+def _meteor_score(refs: dict, preds: dict) -> float:
+    """Corpus METEOR through one long-lived pycocoevalcap scorer: starting its Java process and loading
+    its paraphrase tables takes seconds, scoring a few hundred captions a fraction of one, and the scorer
+    keeps no state between calls (each EVAL line carries its own statistics)."""
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    if _METEOR and _METEOR[0].meteor_p.poll() is not None:
+        _close_meteor()  # its process died: start a new one
+    if not _METEOR:
+        _METEOR.append(Meteor())
+    try:
+        return float(_METEOR[0].compute_score(refs, preds)[0])
+    except BaseException:
+        _close_meteor()  # a failed or interrupted call leaves the pipe out of step
+        raise
+
+
+@atexit.register
+def _close_meteor() -> None:
+    """Stop the METEOR Java process (pycocoevalcap leaves it running until garbage collection)."""
+    while _METEOR:
+        process = _METEOR.pop().meteor_p
+        with contextlib.suppress(OSError):
+            process.stdin.close()
+        process.kill()
+        process.wait()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -35,12 +35,15 @@ class DataConfig:
     max_caption_tokens: int = 32
     caption_choice: Literal["random", "first"] = "random"  # which reference caption a training sample uses
     use_cached_features: bool = False  # read `features.npy` (see vlm.data.features) instead of images
+    # training on cached features: keep up to this many MB of read shards in memory for later epochs
+    # (vlm.data.memory; same batches, no tar parsing or .npy decoding); 0 reads every epoch from disk
+    features_in_memory_mb: int = 0
     max_image_pixels: int = 8192 * 8192  # larger images are skipped as decompression bombs
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "image_size", "max_caption_tokens", "max_image_pixels"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"DataConfig.{name} must be positive, got {getattr(self, name)}")
-        for name in ("num_workers", "sample_shuffle"):
+        for name in ("num_workers", "sample_shuffle", "features_in_memory_mb"):
             if getattr(self, name) < 0:
                 raise ValueError(f"DataConfig.{name} must be >= 0, got {getattr(self, name)}")

@@ -116,12 +116,13 @@ def read_captions(sample: dict[str, Any], allow_empty: bool = False) -> tuple[li
     return captions, meta
 
 
-def read_features(data: bytes) -> Tensor:
-    """``.npy`` bytes of one sample's (P, D) features -> fp32 tensor. Raises `BadSample`."""
+def read_features(data: bytes, float32: bool = True) -> Tensor:
+    """``.npy`` bytes of one sample's (P, D) features -> fp32 tensor (``float32=False``: the stored
+    dtype). Raises `BadSample`."""
     try:
         array = np.load(io.BytesIO(data), allow_pickle=False)
     except (ValueError, OSError, EOFError) as err:
         raise BadSample("corrupt_features", str(err)) from None
     if array.ndim != 2:
         raise BadSample("corrupt_features", f"expected (P, D) features, got shape {array.shape}")
-    return torch.from_numpy(array.astype(np.float32))
+    return torch.from_numpy(array.astype(np.float32) if float32 else array)

@@ -39,6 +39,7 @@ from ..processor import IGNORE_INDEX
 from ..training.interrupt import ignore_stop_signals
 from .config import DataConfig
 from .decode import FEATURES_EXT, BadSample, build_transform, decode_image, read_captions, read_features
+from .memory import ShardMemo
 from .shards import IMAGE_EXTENSIONS, resolve_shards
 
 __all__ = ["CaptionBatch", "CaptionDataset", "CaptionLoader"]
@@ -186,7 +187,12 @@ class CaptionDataset(torch.utils.data.IterableDataset):
                 yield shard
 
         shard_stream, split_samples = self._shard_stream(slot, slots, rng)
-        samples: Iterator[dict[str, Any]] = wds.tarfile_to_samples(handler=tar_error)(checked(shard_stream))
+        expand = wds.tarfile_to_samples(handler=tar_error)
+        memo = self._shard_memo()
+        if memo is None:
+            samples: Iterator[dict[str, Any]] = expand(checked(shard_stream))
+        else:
+            samples = self._remembered(shard_stream, lambda shard: expand(checked(iter([shard]))), memo, skipped)
         if split_samples:
             samples = (s for i, s in enumerate(samples) if i % slots == slot)
         if cfg.sample_shuffle > 1 and self.train:
@@ -214,6 +220,31 @@ class CaptionDataset(torch.utils.data.IterableDataset):
             marker.stats = (worker, dict(skipped), dict(converted))
             yield marker  # counts only; `CaptionLoader` swallows it
 
+    def _shard_memo(self) -> ShardMemo | None:
+        """This reader's `ShardMemo` when ``features_in_memory_mb`` asks for one (training on cached features)."""
+        cfg = self.config
+        if not (self.train and cfg.use_cached_features and cfg.features_in_memory_mb > 0) or self.keep_raw:
+            return None
+        if "_memo" not in self.__dict__:
+            self._memo = ShardMemo(cfg.features_in_memory_mb, keep_images=self.keep_pixels)
+        return self._memo
+
+    @staticmethod
+    def _remembered(shards, read, memo: ShardMemo, skipped: Counter[str]) -> Iterator[dict[str, Any]]:
+        """The samples of each shard: replayed from ``memo``, or read (and offered to it when read cleanly)."""
+        for shard in shards:
+            kept = memo.get(shard["url"])
+            if kept is not None:
+                yield from kept
+                continue
+            errors = skipped["broken_tar"] + skipped["truncated_shard"]
+            samples = []
+            for sample in read(shard):
+                samples.append(memo.compact(sample))
+                yield samples[-1]
+            if skipped["broken_tar"] + skipped["truncated_shard"] == errors:
+                memo.offer(shard["url"], samples)
+
     def _decode(self, sample: dict[str, Any], rng: random.Random, converted: Counter[str]) -> dict[str, Any]:
         cfg = self.config
         captions, meta = read_captions(sample, allow_empty=self.allow_uncaptioned)
@@ -228,7 +259,8 @@ class CaptionDataset(torch.utils.data.IterableDataset):
         if cfg.use_cached_features:
             if FEATURES_EXT not in sample:
                 raise BadSample("missing_features", "this shard has no cached features (see vlm.data.features)")
-            item["image_features"] = read_features(sample[FEATURES_EXT])
+            stored = sample[FEATURES_EXT]  # bytes, or a tensor `ShardMemo` decoded before
+            item["image_features"] = stored.float() if isinstance(stored, Tensor) else read_features(stored)
         if image_ext is None and (not cfg.use_cached_features or self.keep_pixels):
             raise BadSample("missing_image")
         if not cfg.use_cached_features or self.keep_pixels:
