@@ -3,8 +3,10 @@
     bash scripts/install.sh && .venv/bin/pvlm-demo          # or: .venv/bin/python scripts/demo.py
     .venv/bin/pvlm-demo output_dir=runs/mine train.max_steps=1200   # any RunConfig field can be overridden
 
-Runtime on 2 CPU cores: about 11-12 minutes the first time (682 s measured on an idle AVX2 machine) (world ~40 s, stand-in ViT ~2-4 min, stand-in
-LM ~30 s, feature cache ~20 s, adapter training, evaluation ~1 min); a second run reuses the world,
+Runtime on 2 idle CPU cores: about 6-7 minutes the first time on an AVX2-only machine (world ~6 s,
+stand-in ViT ~2 min, stand-in LM ~15 s, feature cache ~10 s, adapter training ~3.5 min, evaluation
+~20 s; ``threads: 0`` takes the idle cores, one where another job uses the second, which is slower);
+a second run reuses the world,
 the backbones and the feature cache. Expected result: CIDEr, BLEU-4 and per-attribute accuracy on
 400 held-out test images and 200 compositional images, each also with the image input removed (the
 ablation), plus sample captions; outputs in runs/default/ (adapter/, eval/metrics.json,

@@ -1,4 +1,4 @@
-"""The embedded default (README command one) end to end, with the issue's targets. Slow: ~12 min on 2 cores.
+"""The embedded default (README command one) end to end, with the issue's targets. Slow: ~6-7 min on an idle 2-core machine.
 
 .venv/bin/python -m pytest -m slow tests/test_embedded_default.py
 """
