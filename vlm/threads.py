@@ -9,9 +9,9 @@ time slices and every barrier waits for it, so the step slows down several times
 the idle ones among the cores this process may run on, at least one and at most torch's default
 (its thread count when this module was imported: one per physical core unless set before).
 
-It keeps torch's default where the user or the launcher chose already (``OMP_NUM_THREADS`` is set,
-as torchrun does for several processes per machine) and where ``/proc/stat`` does not exist
-(not Linux).
+It leaves torch's thread count as it is where the user or the launcher chose already
+(``OMP_NUM_THREADS`` is set, as torchrun does for several processes per machine) and where
+``/proc/stat`` does not exist (not Linux).
 """
 
 from __future__ import annotations
@@ -59,15 +59,14 @@ def choose_threads(requested: int, *, busy: float | None = None) -> tuple[int, s
         raise ValueError(f"threads must be >= 0 (0 = auto), got {requested}")
     if requested:
         return requested, "as configured"
-    default = _TORCH_DEFAULT
     if os.environ.get("OMP_NUM_THREADS"):
-        return default, "OMP_NUM_THREADS is set"
+        return torch.get_num_threads(), "OMP_NUM_THREADS is set"  # left as the user or launcher set it
     busy = busy_cores() if busy is None else busy
     if busy is None:
-        return default, "torch's default (no /proc/stat)"
+        return torch.get_num_threads(), "unchanged (no /proc/stat)"
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     idle = usable - int(busy + 0.5)  # a core counts as busy when more than half of it was in use
-    threads = max(1, min(idle, default))
+    threads = max(1, min(idle, _TORCH_DEFAULT))
     return threads, f"auto: {max(idle, 0)} of {usable} cores idle"
 
 

@@ -237,6 +237,9 @@ class CaptionDataset(torch.utils.data.IterableDataset):
             if kept is not None:
                 yield from kept
                 continue
+            if memo.used >= memo.budget:  # full: read as without a memo, nothing gathered
+                yield from read(shard)
+                continue
             errors = skipped["broken_tar"] + skipped["truncated_shard"]
             samples = []
             for sample in read(shard):
