@@ -18,8 +18,8 @@ of a fresh process fault in new pages and run up to 3x slower), then timed round
 (2) a plain alternating loop from the same warm state, ``--warmup`` rounds discarded. Medians with the
 spread (max-min)/median; the ratios of both harnesses are printed side by side.
 
-Columns: ms (median), speed-up of ours over that peer, FLOPs (counted by torch's FlopCounterMode on
-each model, so ours counts fewer backward FLOPs), achieved FLOP/s as a fraction of this machine's
+Columns: ms (median), speed-up of ours over that peer, FLOPs (counted by torch's flop formulas on
+each peer and credited to ours, which runs fewer backward FLOPs), achieved FLOP/s as a fraction of this machine's
 measured fp32 GEMM rate, and peak memory (torch CPU allocations seen by the profiler). Results of the
 last run: docs/speed.md (resampler part).
 """
@@ -36,12 +36,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import alternating_ms, gemm_workload, interleaved_ms, peak_memory_mb, spread  # noqa: E402
+from common import alternating_ms, count_flops, gemm_workload, interleaved_ms, peak_memory_mb, spread  # noqa: E402
 
 from resampler.convert import from_flamingo_pytorch, from_idefics2  # noqa: E402
 
@@ -131,12 +130,6 @@ def forward_backward(model: torch.nn.Module, call):
         loss_of(call()).backward()
 
     return run
-
-
-def count_flops(fn) -> int:
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
 
 
 def check_equal(peer, ours, peer_fn, ours_fn, tol: float) -> float:
@@ -231,9 +224,8 @@ def main(argv: list[str] | None = None) -> dict:
             name: forward(calls[name]) if mode == "forward" else forward_backward(models[name], calls[name])
             for name in models
         }
-        # Model FLOPs: counted on each peer (FlopCounterMode; its module tracker fails under no_grad, so
-        # the forward is counted with grad enabled) and credited to ours too, as ours computes the same
-        # function with fewer backward FLOPs (and the counter misses CPU flash attention).
+        # Model FLOPs: counted on each peer (common.count_flops) and credited to ours too, as ours computes
+        # the same function with fewer backward FLOPs (and the counter misses CPU flash attention).
         flops = {
             name: count_flops(calls[name] if mode == "forward" else fn) for name, fn in fns.items() if name in peers
         }

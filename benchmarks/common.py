@@ -8,6 +8,8 @@ numbers drift; ratios measured in the same run are what we report).
     gemm_flops(n=2048, repeats=5)        -> measured fp32 FLOP/s of a square torch.mm (the ceiling)
     gemm_workload(flops, n=2048)         -> (fn, flops): square torch.mm's totalling about ``flops``, to time
                                             the ceiling inside an interleaved run (same load as the peers)
+    count_flops(fn)                      -> FLOPs of the ops torch's flop counter knows, run by fn (also under
+                                            no_grad, e.g. inside ``generate``)
     interleaved_ms({name: fn}, ...)      -> {name: median ms}, runs the peers round-robin so drift hits all
     alternating_ms({name: fn}, ...)      -> the same from a plain alternating loop (a second harness)
 """
@@ -19,6 +21,8 @@ import time
 from collections.abc import Callable
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 __all__ = [
     "report",
@@ -28,6 +32,7 @@ __all__ = [
     "peak_memory_mb",
     "gemm_flops",
     "gemm_workload",
+    "count_flops",
     "spread",
 ]
 
@@ -142,6 +147,31 @@ def gemm_workload(flops: float, n: int = 2048) -> tuple[Callable[[], object], fl
             torch.mm(a, b)
 
     return run, 2.0 * n**3 * k
+
+
+class _FlopCount(TorchDispatchMode):
+    """Adds up ``torch.utils.flop_counter``'s formula for every dispatched op that has one (matmuls,
+    convolutions, the attention kernels it registers). Unlike ``FlopCounterMode`` it tracks no modules, so
+    it also counts under ``no_grad``. Ops without a formula count zero: a count is a lower bound."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.total += formula(*args, **kwargs, out_val=out)
+        return out
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """FLOPs that ``fn()`` runs (a lower bound: see ``_FlopCount``), forward and any backward it calls."""
+    with _FlopCount() as counter:
+        fn()
+    return counter.total
 
 
 def report(result: dict, table: str, json_path=None) -> dict:
