@@ -17,9 +17,12 @@ process CPU time, the two models timed round-robin:
   ours ``generate_ids`` vs the reference's ``generate`` on the same processor output: tokens/s and
   whether every token is identical.
 
-A missed goal comes with a measured bound: the tower's forward plus our LM's forward + backward with
-the connector's output given as a leaf, the work both models share; and ours' prefill beside the
-whole generation.
+A missed goal comes with measured bounds. Training: the work both models share (the tower's forward
+plus our LM's forward + backward with the connector's output given as a leaf), timed; with a free
+connector, and with the connector's FLOPs (our step's count less the shared work's) run at this
+machine's one-thread GEMM rate. Generation: ours' prefill (one new token) timed, plus the decode
+steps' FLOPs at the GEMM rate. FLOPs come from torch's flop formulas (``common.count_flops``), which
+miss CPU flash attention: the counts are low, so the bounds are generous.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import interleaved_ms, peak_memory_mb, report, spread  # noqa: E402
+from common import count_flops, gemm_flops, interleaved_ms, peak_memory_mb, report, spread  # noqa: E402
 
 from vlm.convert import from_idefics, from_idefics2  # noqa: E402
 from vlm.convert.tiny import tiny_idefics, tiny_idefics2, tiny_photos  # noqa: E402
@@ -167,7 +170,7 @@ def grad_norm(model) -> float:
     return float(sum(p.grad.double().square().sum() for p in model.parameters() if p.grad is not None).sqrt())
 
 
-def bench_training(name: str, hf, ours, processor, smoke: bool, repeats: int) -> dict:
+def bench_training(name: str, hf, ours, processor, smoke: bool, repeats: int, gemm: float) -> dict:
     images = 2
     reference, mine = inputs(name, processor, batch=2 if smoke else 4, images=images, caption_words=4 if smoke else 24,
                              padding_side="right")  # fmt: skip
@@ -187,6 +190,8 @@ def bench_training(name: str, hf, ours, processor, smoke: bool, repeats: int) ->
         clock=time.process_time,
     )
     floor = shared_floor_ms(ours, mine, repeats)
+    connector_flops = count_flops(lambda: training_step(ours, mine)) - floor["flops"]
+    at_ceiling = floor["tower"] + floor["lm"] + connector_flops / gemm * 1e3
     memory = {
         key: peak_memory_mb(lambda m=m, k=k: training_step(m, k), setup=lambda m=m: m.zero_grad(set_to_none=True))
         for key, m, k in (("reference", hf, reference), ("ours", ours, mine))
@@ -199,6 +204,9 @@ def bench_training(name: str, hf, ours, processor, smoke: bool, repeats: int) ->
         "speedup": timed["reference"][0] / timed["ours"][0],
         "floor_ms": floor,
         "bound": timed["reference"][0] / (floor["tower"] + floor["lm"]),
+        "connector_gflop": connector_flops / 1e9,
+        "ceiling_ms": at_ceiling,
+        "ceiling_bound": timed["reference"][0] / at_ceiling,
         "memory_ratio": memory["ours"] / memory["reference"],
         **parity,
     }
@@ -207,28 +215,36 @@ def bench_training(name: str, hf, ours, processor, smoke: bool, repeats: int) ->
 def shared_floor_ms(ours, kwargs: dict, repeats: int) -> dict:
     """What any implementation with these frozen weights runs: the tower's forward and the LM's forward +
     backward to its image inputs (our step with the connector's output given as a leaf). A perfect
-    connector would cost nothing beyond them: reference ms / (tower + lm) bounds the possible speed-up."""
-    tower_ms = []
-    hook = ours.vision.register_forward_pre_hook(lambda *_: tower_ms.append(time.process_time()))
-    done = ours.vision.register_forward_hook(lambda *_: tower_ms.append(time.process_time() - tower_ms.pop()))
+    connector would cost nothing beyond them: reference ms / (tower + lm) bounds the possible speed-up.
+    Also their FLOPs (``flops``), to separate the connector's share of a step's count."""
+    images = {k: v for k, v in kwargs.items() if k in ("images", "pixel_attention_mask")}
+    per_sample = ours.processor.count_images(kwargs["input_ids"]).tolist()
+    tower = {}
+
+    def started(_module, args, kwargs):
+        tower.update(args=args, kwargs=kwargs, start=time.process_time())
+
+    hook = ours.vision.register_forward_pre_hook(started, with_kwargs=True)
+    done = ours.vision.register_forward_hook(lambda *_: tower.update(ms=(time.process_time() - tower["start"]) * 1e3))
     try:
         with torch.no_grad():
-            images = {k: v for k, v in kwargs.items() if k in ("images", "pixel_attention_mask")}
-            per_sample = ours.processor.count_images(kwargs["input_ids"]).tolist()
             media, counts = ours.encode_images(**images, per_sample=per_sample)
     finally:
         hook.remove()
         done.remove()
+    with torch.no_grad():
+        tower_flops = count_flops(lambda: ours.vision(*tower["args"], **tower["kwargs"]))
     leaf = media.detach().requires_grad_(True)
     text = {k: v for k, v in kwargs.items() if k not in images}
     with mock.patch.object(ours, "encode_images", lambda *a, **k: (leaf, counts)):
         lm = interleaved_ms(
             {"lm": lambda: training_step(ours, text)}, warmup=1, repeats=repeats, clock=time.process_time
         )
-    return {"tower": tower_ms[-1] * 1e3, "lm": lm["lm"][0]}
+        lm_flops = count_flops(lambda: training_step(ours, text))
+    return {"tower": tower["ms"], "lm": lm["lm"][0], "flops": tower_flops + lm_flops}
 
 
-def bench_generation(name: str, hf, ours, processor, smoke: bool, repeats: int) -> dict:
+def bench_generation(name: str, hf, ours, processor, smoke: bool, repeats: int, gemm: float) -> dict:
     hf.eval()
     ours.eval()
     n, new = (4, 4) if smoke else (32, 32)
@@ -249,9 +265,16 @@ def bench_generation(name: str, hf, ours, processor, smoke: bool, repeats: int) 
     prefill = interleaved_ms(
         {"ours": lambda: ours.generate_ids(**mine, **first)}, warmup=0, repeats=repeats, clock=time.process_time
     )
+    decode_flops = count_flops(lambda: ours.generate_ids(**mine, **kwargs)) - count_flops(
+        lambda: ours.generate_ids(**mine, **first)
+    )
+    at_ceiling = prefill["ours"][0] + decode_flops / gemm * 1e3
     tokens = n * new
     return {
         "prefill_ms": prefill["ours"][0],
+        "decode_gflop": decode_flops / 1e9,
+        "ceiling_ms": at_ceiling,
+        "ceiling_bound": timed["reference"][0] / at_ceiling,
         "prompts": n,
         "new_tokens": new,
         "prompt_tokens": length,
@@ -272,10 +295,12 @@ def run(smoke: bool = False, repeats: int = 3) -> dict:
     try:
         for name, mode in (("idefics2", "prefix"), ("idefics", "cross_attention")):
             hf, ours, processor = build(name, smoke)
+            gemm = gemm_flops(256 if smoke else 2048, repeats=3)  # this row's ceiling, one thread
             rows[name] = {
                 "mode": mode,
-                "train": bench_training(name, hf, ours, processor, smoke, repeats),
-                "generate": bench_generation(name, hf, ours, processor, smoke, repeats),
+                "gemm_gflops": gemm / 1e9,
+                "train": bench_training(name, hf, ours, processor, smoke, repeats, gemm),
+                "generate": bench_generation(name, hf, ours, processor, smoke, repeats, gemm),
             }
             del hf, ours
     finally:
@@ -302,6 +327,11 @@ def table(result: dict) -> str:
             f"a free connector: tower forward {floor['tower']:.0f} ms + LM forward+backward {floor['lm']:.0f} ms"
         )
         lines.append(
+            f"{'':<10} {'':<16} {'':<12} {'':>10} {t['ceiling_ms']:>10.0f} {t['ceiling_bound']:>6.2f}x  "
+            f"the connector's {t['connector_gflop']:.1f} GFLOP at the GEMM rate ({row['gemm_gflops']:.1f} GFLOP/s)"
+            + ("; ours is already faster (uncounted attention FLOPs)" if t["ceiling_ms"] >= t["ms"]["ours"] else "")
+        )
+        lines.append(
             f"{'':<10} {'':<16} {'train MiB':<12} {t['peak_mib']['reference']:>10.0f} {t['peak_mib']['ours']:>10.0f} "
             f"{t['memory_ratio']:>6.2f}x  peak torch CPU allocations during the step"
         )
@@ -311,6 +341,10 @@ def table(result: dict) -> str:
             f"new tokens (prompt {g['prompt_tokens']}), identical tokens: {g['identical']} "
             f"({g['identical_fraction']:.1%}); ours' prefill (one new token) {g['prefill_ms']:.0f} ms of "
             f"{g['ms']['ours']:.0f}"
+        )
+        lines.append(
+            f"{'':<10} {'':<16} {'gen bound':<12} {'':>10} {g['ceiling_ms']:>10.0f} {g['ceiling_bound']:>6.2f}x  "
+            f"ours' prefill + the decode steps' {g['decode_gflop']:.1f} GFLOP at the GEMM rate"
         )
     return "\n".join(lines)
 

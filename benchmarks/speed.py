@@ -239,7 +239,8 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict = {}
     texts: dict[str, str] = {}
     if args.merge and (args.out / "speed.json").exists():  # re-run some parts, keep the others' numbers
-        results = {k: v for k, v in json.loads((args.out / "speed.json").read_text())["results"].items()}
+        earlier = json.loads((args.out / "speed.json").read_text())["results"]
+        results = {k: v for k, v in earlier.items() if k not in args.parts}  # a re-run part's old keys may be stale
         texts = {k: TEXT[k](v) for k, v in results.items() if k in TEXT and "error" not in v}
     meta = {
         "command": "python benchmarks/speed.py"
@@ -263,6 +264,7 @@ def main(argv: list[str] | None = None) -> dict:
             traceback.print_exc()
             results[part] = {"error": f"{type(err).__name__}: {err}"}
         results[part]["wall_seconds"] = time.perf_counter() - start
+        results[part]["machine"] = meta["machine"]  # merged parts keep the machine they ran on
         out = write_outputs(args.out, results, texts, meta)  # after every part: a cut-short run keeps its numbers
     print("\n===== goals")
     print(format_goals(out["goals"]))
