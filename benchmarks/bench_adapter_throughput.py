@@ -56,6 +56,7 @@ from vlm.data import DataConfig, SyntheticConfig, generate_scene, precompute_fea
 from vlm.data.reader import CaptionLoader  # noqa: E402
 from vlm.model import VisionLanguageModel  # noqa: E402
 from vlm.testing import register_tiny_clip, tiny_lm, tiny_tokenizer, tiny_vlm_config  # noqa: E402
+from vlm.training.optim import adamw  # noqa: E402
 
 STAGES = ("data", "vision", "resampler", "projector", "lm forward", "backward+optimizer")
 PATHS = ("images from shards", "features from cache", "images in memory", "features in memory")
@@ -298,7 +299,7 @@ def _run(size: Size, repeats: int, warmup: int, compute_only: bool, tower, root:
             "lm forward": model.language_model,
         }
     )
-    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-5)
+    optimizer = adamw(model.param_groups(1e-5))  # the trainer's AdamW (fused where it can be)
     step = make_step(model, optimizer, timer)
     image_batches, cached_batches = endless(from_images), endless(from_cache)
     in_memory = next(iter(from_images))
@@ -390,7 +391,7 @@ def profile_cached_step(size: Size, rows: int = 15) -> str:
     model = build(size)
     batch = model.processor(["<image>Caption:"] * size.batch, captions=["a large red circle on the left"] * size.batch)
     features = torch.randn(size.batch, model.vision.num_patches, model.vision.width)
-    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-5)
+    optimizer = adamw(model.param_groups(1e-5))  # the trainer's AdamW (fused where it can be)
 
     def step() -> None:
         model(**batch, image_features=features).loss.backward()

@@ -3,7 +3,7 @@
     bash scripts/install.sh && .venv/bin/pvlm-demo          # or: .venv/bin/python scripts/demo.py
     .venv/bin/pvlm-demo output_dir=runs/mine train.max_steps=1200   # any RunConfig field can be overridden
 
-Runtime on 2 idle CPU cores: about 6-7 minutes the first time on an AVX2-only machine (world ~6 s,
+Runtime on 2 idle CPU cores: about 5 minutes the first time on an AVX-512 machine, 6 on an AVX2-only one (world ~6 s,
 stand-in ViT ~2 min, stand-in LM ~15 s, feature cache ~10 s, adapter training ~3.5 min, evaluation
 ~20 s; ``threads: 0`` takes the idle cores, one where another job uses the second, which is slower);
 a second run reuses the world,

@@ -30,7 +30,7 @@ import torch
 from resampler.config import to_dict
 
 from .io import atomic_directory
-from .training.optim import param_groups, warmup_cosine
+from .training.optim import adamw, param_groups, warmup_cosine
 
 VISION_WEIGHTS = "open_clip_model.safetensors"  # weights are written and read as safetensors only
 
@@ -218,7 +218,7 @@ def train_standin_vision(
     caption_index = [[texts[c] for c in caps] for caps in captions]
 
     groups = param_groups(model, config.lr, weight_decay=config.weight_decay)
-    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.98), eps=1e-6)
+    optimizer = adamw(groups, betas=(0.9, 0.98), eps=1e-6)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config.steps, config.warmup_steps))
     loss_fn = ClipLoss()
     gen = torch.Generator().manual_seed(seed)
@@ -303,7 +303,7 @@ def train_standin_lm(
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(lm_config, dtype=torch.float32)
     encoded = [[tokenizer.bos_token_id, *tokenizer(t)["input_ids"], tokenizer.eos_token_id] for t in texts]
-    optimizer = torch.optim.AdamW(param_groups(model, config.lr, weight_decay=0.0))
+    optimizer = adamw(param_groups(model, config.lr, weight_decay=0.0))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config.steps, config.warmup_steps))
     gen = torch.Generator().manual_seed(seed)
     model.train()

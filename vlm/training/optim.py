@@ -16,7 +16,7 @@ from torch import nn
 
 from .config import TrainConfig
 
-__all__ = ["param_groups", "is_lora", "is_decayed", "build_optimizer", "warmup_cosine"]
+__all__ = ["param_groups", "is_lora", "is_decayed", "adamw", "build_optimizer", "warmup_cosine"]
 
 # Leaf names of parameters a model holds directly that are embeddings, not matrices: the resampler's
 # latents and its time / patch-position embeddings, CLIP's class and positional embeddings, gates.
@@ -71,10 +71,29 @@ def param_groups(model: nn.Module, lr: float, lora_lr: float | None = None, weig
     ]
 
 
+_FUSED_DEVICES = ("cpu", "cuda", "xpu", "mps")  # torch's fused AdamW kernels (torch >= 2.4 has the CPU one)
+
+
+def adamw(groups: list[dict], **kwargs) -> torch.optim.AdamW:
+    """``torch.optim.AdamW`` with its fused kernel where every parameter allows it (plain floating-point
+    tensors on one kernel device). On CPU torch otherwise runs one tensor at a time: measured 48 ms per
+    step against 2.5 ms fused for the stand-in ViT's 86 tensors (3.75 M values, two threads). Sharded
+    parameters (FSDP2's DTensors) keep torch's default."""
+    params = [p for group in groups for p in group["params"]]
+    devices = {p.device.type for p in params}
+    fused = (
+        bool(params)
+        and len(devices) == 1
+        and devices <= set(_FUSED_DEVICES)
+        and all(type(p) in (torch.Tensor, nn.Parameter) and p.is_floating_point() for p in params)
+    )
+    return torch.optim.AdamW(groups, **kwargs, **({"fused": True} if fused else {}))
+
+
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over `param_groups` with a `TrainConfig`'s learning rates, decay, betas and eps."""
+    """AdamW (`adamw`) over `param_groups` with a `TrainConfig`'s learning rates, decay, betas and eps."""
     groups = param_groups(model, config.lr, config.lora_lr, config.weight_decay)
-    return torch.optim.AdamW(groups, betas=config.betas, eps=config.eps)
+    return adamw(groups, betas=config.betas, eps=config.eps)
 
 
 def warmup_cosine(max_steps: int, warmup_steps: int = 0, min_lr_ratio: float = 0.0) -> Callable[[int], float]:
