@@ -86,7 +86,9 @@ def test_qlora_on_a_4bit_idefics2(tmp_path):
     import bitsandbytes as bnb
     from transformers import BitsAndBytesConfig, Idefics2ForConditionalGeneration
 
-    hf, processor = tiny_idefics2()
+    # bitsandbytes' CPU 4-bit kernels need in_features >= their block size (64), and on CPUs with
+    # AVX512-BF16 (eval, no grad) out_features divisible by 32: the text model at hidden 64.
+    hf, processor = tiny_idefics2(sizes={"text_config": {"hidden_size": 64, "intermediate_size": 128}})
     hf.save_pretrained(tmp_path / "idefics2")
 
     def load(**quant):
