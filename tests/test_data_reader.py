@@ -333,3 +333,41 @@ def test_real_two_process_gloo_split(tmp_path):
             per_rank = [_json.loads((tmp_path / f"p{p}_rank{r}_w{workers}.json").read_text()) for r in range(2)]
             assert sorted(per_rank[0] + per_rank[1]) == sorted(f"good{i:02d}" for i in range(n))
             assert per_rank[0] and per_rank[1]
+
+
+# ----------------------------------------------------------------------------------------------
+# Worker processes end with the pass, also when it is left early
+
+
+def test_closing_a_stream_mid_pass_stops_its_workers(tmp_path):
+    import multiprocessing
+
+    from vlm.training.batches import BatchStream
+
+    summary = write_samples([_good(i) for i in range(24)], tmp_path, samples_per_shard=6)
+    before = set(multiprocessing.active_children())
+    with BatchStream(CaptionLoader(summary.pattern, _config(num_workers=2))) as stream:
+        next(stream)
+        assert len(set(multiprocessing.active_children()) - before) == 2
+    assert set(multiprocessing.active_children()) - before == set()
+
+
+def test_a_pass_left_open_does_not_hang_the_exit(tmp_path):
+    """A ``for`` loop left with ``break`` while its generator stays referenced (here: a global)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    summary = write_samples([_good(i) for i in range(24)], tmp_path, samples_per_shard=6)
+    script = textwrap.dedent(f"""
+        from vlm.data import CaptionLoader, DataConfig
+        config = DataConfig(batch_size=3, image_size={SIZE}, preprocess="plain", num_workers=2)
+        batches = iter(CaptionLoader({str(summary.pattern)!r}, config))
+        print("got", len(next(batches).sample_keys), flush=True)
+    """)
+    try:
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=90)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the process did not exit within 90 s with a DataLoader pass still open")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "got 3" in done.stdout

@@ -137,3 +137,23 @@ def test_local_example_config_runs_end_to_end(tmp_path, monkeypatch, capsys):
     main_caption([*config, *small, "--images", "my_data/images/val0.png"])
     assert capsys.readouterr().out.strip().splitlines()[-1] == "captioned 1 images; skipped 0"
     del metrics
+
+
+def test_local_config_trains_with_its_data_workers_and_leaves_none_running(tmp_path, monkeypatch):
+    """configs/local.yaml reads with 2 DataLoader workers; a run that ended used to leave them running,
+    and the process then hung at exit (multiprocessing ends workers with SIGTERM, which they ignore)."""
+    import multiprocessing
+
+    from vlm.cli import main_make_shards, main_train
+
+    _write_local_layout(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    config = ["--config", str(ROOT / "configs" / "local.yaml")]
+    assert "num_workers: 2" in (ROOT / "configs" / "local.yaml").read_text()
+    small = [f"model.vision.name={register_tiny_clip()}", "data.batch_size=4", "train.max_steps=3",
+             "train.checkpoint_every=0", "train.eval_every=0", "train.warmup_steps=1", "train.progress=false"]  # fmt: skip
+    main_make_shards([*config, "shards.progress=false"])
+    before = set(multiprocessing.active_children())
+    main_train([*config, *small])
+    assert (tmp_path / "runs" / "local" / "metrics.csv").is_file()
+    assert set(multiprocessing.active_children()) - before == set()

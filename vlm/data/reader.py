@@ -21,9 +21,11 @@ logged at the end of every pass.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import random
+import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -318,6 +320,24 @@ def _passthrough(batch: CaptionBatch) -> CaptionBatch:
     return batch
 
 
+_OPEN_WORKERS: weakref.WeakSet = weakref.WeakSet()  # DataLoader iterators of unfinished worker-backed passes
+
+
+def _stop_workers(iterator: Any) -> None:
+    stop = getattr(iterator, "_shutdown_workers", None)  # torch's orderly stop: done event, join (idempotent)
+    if stop is not None:
+        stop()
+
+
+@atexit.register  # runs before multiprocessing's own exit hook (registered earlier, run later)
+def _stop_open_workers() -> None:
+    """Stop the workers of passes still open at exit (a ``for`` loop left with ``break`` while its
+    generator stays referenced). Workers ignore SIGTERM (the main process handles stop signals), and
+    SIGTERM is how multiprocessing ends daemon children at exit: without this, exit would wait forever."""
+    for iterator in list(_OPEN_WORKERS):
+        _stop_workers(iterator)
+
+
 class CaptionLoader:
     """A DataLoader over `CaptionDataset` that gathers bad-sample counts from its workers.
 
@@ -352,11 +372,17 @@ class CaptionLoader:
         )
         per_worker: dict[int, tuple[dict[str, int], dict[str, int]]] = {}
         self._passes.append(per_worker)
-        for batch in loader:
-            worker, skipped, converted = batch.stats
-            per_worker[worker] = (skipped, converted)  # cumulative within the pass
-            if len(batch):
-                yield batch
+        batches = iter(loader)
+        if workers:
+            _OPEN_WORKERS.add(batches)
+        try:
+            for batch in batches:
+                worker, skipped, converted = batch.stats
+                per_worker[worker] = (skipped, converted)  # cumulative within the pass
+                if len(batch):
+                    yield batch
+        finally:  # also when the pass is closed early (generator.close(), e.g. by BatchStream.close)
+            _stop_workers(batches)
         skipped, converted = self.last_pass_stats
         if skipped or converted:
             log.info("data pass done: skipped %s, converted %s", dict(skipped), dict(converted))

@@ -74,6 +74,18 @@ class BatchStream:
         self.in_epoch = 0  # batches handed out on this rank in the current epoch
         self._it: Iterator[Any] | None = None
 
+    def __enter__(self) -> BatchStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the loader's iterator now (a worker-backed loader stops its workers), not at exit."""
+        it, self._it = self._it, None
+        if hasattr(it, "close"):
+            it.close()
+
     def __next__(self) -> Any:
         if self._it is None:
             if not self.exact and hasattr(self.loader, "set_epoch"):
@@ -100,7 +112,8 @@ class BatchStream:
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.epoch, self._it = int(state["epoch"]), None
+        self.close()
+        self.epoch = int(state["epoch"])
         if self.exact:
             self.in_epoch = int(state["in_epoch"])
             self.loader.load_state_dict(state["loader"])

@@ -81,11 +81,11 @@ def train(
     call returns with ``stopped_by`` set to the signal's name; a second signal raises
     `vlm.training.interrupt.TrainingAborted`.
     """
-    with StopOnSignal(enabled=config.stop_on_signal) as stop:
-        return _train(model, loader, config, output_dir, seed, run_config, stop_after, validate, stop)
+    with StopOnSignal(enabled=config.stop_on_signal) as stop, BatchStream(loader) as stream:
+        return _train(model, stream, config, output_dir, seed, run_config, stop_after, validate, stop)
 
 
-def _train(model, loader, config, output_dir, seed, run_config, stop_after, validate, stop) -> TrainResult:
+def _train(model, stream, config, output_dir, seed, run_config, stop_after, validate, stop) -> TrainResult:
     out = Path(output_dir)
     main, world = rank() == 0, world_size()
     device = resolve_device(config.device, _model_device(model))
@@ -111,7 +111,6 @@ def _train(model, loader, config, output_dir, seed, run_config, stop_after, vali
     schedule = warmup_cosine(config.max_steps, config.warmup_steps, config.min_lr_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
-    stream = BatchStream(loader)
 
     start_step = 0
     ckpt = (sharded.find_checkpoint if fsdp else find_checkpoint)(out) if config.resume else None
