@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -204,6 +205,19 @@ def test_recipe_names_every_kind_of_difference(tmp_path):
         "vision weights: 1 changed (size or time): w.pt",
         "preprocess: 'Resize(size=32, interpolation=bilinear, max_size=None, antialias=True)' -> "
         "'Resize(size=64, interpolation=bilinear, max_size=None, antialias=True)'",
+    ]
+    moved = tmp_path / "copy"
+    moved.mkdir()
+    for shard in shards.shards:  # the same shards and weights in another folder: one line that says where
+        shutil.copy2(shard, moved)
+    shutil.copy2(weights, moved)
+    copied = feature_recipe(
+        str(moved / "s-{000000..000001}.tar"), {**vision, "pretrained": str(moved / "w.pt")}, transforms.Resize(32)
+    )
+    assert check_feature_cache(index, copied) == [
+        f"source shards: the same 2 file names, now in {moved} (were in {tmp_path})",
+        f"vision.pretrained: {str(weights)!r} -> {str(moved / 'w.pt')!r}",
+        f"vision weights: the same 1 file name, now in {moved} (were in {tmp_path})",
     ]
     index.write_text(json.dumps({"feature_shape": [4, 8]}))  # a cache of an older version records no recipe
     assert "records no recipe" in check_feature_cache(index, new)[0]

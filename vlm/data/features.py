@@ -143,12 +143,21 @@ def feature_recipe(shards: str | list[str], vision: Mapping[str, Any], transform
     }
 
 
+def _folders(paths: list[str]) -> str:
+    return ", ".join(sorted({os.path.dirname(p) for p in paths}))
+
+
 def _file_changes(what: str, old: list[dict], new: list[dict]) -> list[str]:
     before, after = {f["path"]: f for f in old}, {f["path"]: f for f in new}
-    removed = [os.path.basename(p) for p in before if p not in after]
-    added = [os.path.basename(p) for p in after if p not in before]
-    changed = [os.path.basename(p) for p in after if p in before and before[p] != after[p]]
+    gone, came = [p for p in before if p not in after], [p for p in after if p not in before]
     lines = []
+    if gone and sorted(map(os.path.basename, gone)) == sorted(map(os.path.basename, came)):
+        # the same names in another folder (a copied or moved dataset): say where, not "6 removed, 6 added"
+        count = f"{len(gone)} file name" + ("s" if len(gone) > 1 else "")
+        lines.append(f"{what}: the same {count}, now in {_folders(came)} (were in {_folders(gone)})")
+        gone = came = []
+    removed, added = [os.path.basename(p) for p in gone], [os.path.basename(p) for p in came]
+    changed = [os.path.basename(p) for p in after if p in before and before[p] != after[p]]
     for verb, names in (("removed", removed), ("added", added), ("changed (size or time)", changed)):
         if names:
             shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
