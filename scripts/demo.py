@@ -3,9 +3,9 @@
     bash scripts/install.sh && .venv/bin/pvlm-demo          # or: .venv/bin/python scripts/demo.py
     .venv/bin/pvlm-demo output_dir=runs/mine train.max_steps=1200   # any RunConfig field can be overridden
 
-Runtime on 2 idle CPU cores: about 5 minutes the first time on an AVX-512 machine, 6 on an AVX2-only one (world ~6 s,
-stand-in ViT ~2 min, stand-in LM ~15 s, feature cache ~10 s, adapter training ~3.5 min, evaluation
-~20 s; ``threads: 0`` takes the idle cores, one where another job uses the second, which is slower);
+Runtime on 2 idle CPU cores: about 4 minutes the first time on an AVX-512 machine, 5-6 on an AVX2-only
+one (world ~6 s, stand-in ViT 1-1.5 min, stand-in LM ~15 s, feature cache ~10 s, adapter training 2-3 min,
+evaluation ~15 s; ``threads: 0`` takes the idle cores, one where another job uses the second, which is slower);
 a second run reuses the world,
 the backbones and the feature cache. Expected result: CIDEr, BLEU-4 and per-attribute accuracy on
 400 held-out test images and 200 compositional images, each also with the image input removed (the
