@@ -383,6 +383,7 @@ class CaptionLoader:
                     yield batch
         finally:  # also when the pass is closed early (generator.close(), e.g. by BatchStream.close)
             _stop_workers(batches)
+            _OPEN_WORKERS.discard(batches)
         skipped, converted = self.last_pass_stats
         if skipped or converted:
             log.info("data pass done: skipped %s, converted %s", dict(skipped), dict(converted))
